@@ -1,0 +1,52 @@
+//! echo-service: an observable TCP echo server on a small Twisted-style protocol framework.
+//!
+//! A [`Factory`] builds one [`Protocol`] per accepted connection; the protocol reacts to
+//! `connection_made`, `data_received` and `connection_lost` and acts on its connection only
+//! through a [`Transport`]. The [`Server`] accepts, drives one task per connection with
+//! backpressure, and drains gracefully on shutdown. Echo is the first protocol: a few lines in
+//! [`echo`].
+//!
+//! # Layout
+//!
+//! - [`protocol`]: the `Protocol` trait and [`LossReason`] (why a connection ended).
+//! - [`transport`]: the `Transport` trait and [`MemoryTransport`] for protocol unit tests.
+//! - [`factory`]: the `Factory` trait, [`ConnectionInfo`] and [`Refusal`].
+//! - [`state`]: [`ServiceState`], the shared counters and lifecycle phase that `/metrics`,
+//!   `/healthz` and `/readyz` read.
+//! - [`connection`]: the per-connection driver (reads, writes, backpressure, half-close,
+//!   policy timers) and [`ConnectionSettings`].
+//! - [`server`]: accept loop with back-off, connection tasks, graceful drain; `bind`.
+//! - [`policies`]: wrapping factories that refuse connections (total and per-peer limits).
+//! - [`telemetry`]: Prometheus metrics, logs, OTLP spans, the instrumented factory.
+//! - [`admin`]: the admin HTTP server.
+//! - [`config`]: flags and `ECHO_*` variables.
+//! - [`signal`]: SIGTERM and SIGINT handling.
+//! - [`echo`]: the echo protocol and factory.
+//!
+//! Data flows one way: socket → server → (policies → instrumentation) → protocol → transport
+//! → socket; telemetry and the admin server read the shared state, never the other way round.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod admin;
+pub mod config;
+pub mod connection;
+pub mod echo;
+pub mod factory;
+pub mod policies;
+pub mod protocol;
+pub mod server;
+pub mod signal;
+pub mod state;
+pub mod telemetry;
+pub mod transport;
+
+pub use config::Config;
+pub use connection::ConnectionSettings;
+pub use echo::{Echo, EchoFactory};
+pub use factory::{ConnectionInfo, Factory, Refusal};
+pub use protocol::{LossReason, Protocol};
+pub use server::{DrainSettings, Server};
+pub use state::{Phase, ServiceState};
+pub use transport::{MemoryTransport, Transport};

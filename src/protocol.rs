@@ -1,0 +1,154 @@
+//! The per-connection half of the framework: a [`Protocol`] reacts to events on one connection.
+//!
+//! This is Twisted's `IProtocol` in Rust. The API is small on purpose: implement
+//! [`Protocol::data_received`], write replies through the [`Transport`], and override
+//! [`Protocol::connection_made`] or [`Protocol::connection_lost`] only if you care. Every callback
+//! is named for the event it reports and, except `data_received`, defaults to doing nothing.
+//!
+//! Data arrives in arbitrary pieces: one `write` by the peer can be split across many
+//! `data_received` calls and many writes can be merged into one. Protocols must not assume any
+//! framing the bytes don't carry themselves (the tests feed data one byte at a time).
+
+use std::io;
+
+use crate::transport::Transport;
+
+/// Per-connection event handler, built by a [`Factory`](crate::Factory) for each accepted
+/// connection and dropped when that connection is gone.
+pub trait Protocol: Send + 'static {
+    /// The connection is up; `transport` is how the protocol reaches it from now on.
+    fn connection_made(&mut self, transport: &mut dyn Transport) {
+        let _ = transport;
+    }
+
+    /// Some bytes arrived. `data` is only valid during the call; copy what must be kept.
+    fn data_received(&mut self, data: &[u8], transport: &mut dyn Transport);
+
+    /// The connection is gone, for `reason`. Called exactly once, after the last
+    /// `data_received`; the transport can no longer be used.
+    fn connection_lost(&mut self, reason: LossReason) {
+        let _ = reason;
+    }
+}
+
+/// Why a connection ended. The label of each variant is a fixed metric label value and the
+/// span's loss reason, so dashboards can rely on the set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LossReason {
+    /// The peer shut down its write side (EOF); everything it sent was answered, then we sent FIN.
+    PeerClosed,
+    /// The protocol called [`Transport::lose_connection`]; pending data was flushed, then FIN.
+    Closed,
+    /// The connection outlived `--max-connection-age`; it was closed gracefully (flush, then FIN).
+    MaxAge,
+    /// The peer reset the connection (ECONNRESET, EPIPE, ...).
+    Reset,
+    /// Any other I/O error on the socket.
+    Error(io::ErrorKind),
+    /// No bytes moved in either direction for `--idle-timeout`.
+    IdleTimeout,
+    /// The peer read nothing for `--write-stall-timeout` while we had data for it.
+    WriteStall,
+    /// The server was shutting down and the connection outlived `--shutdown-timeout`.
+    Shutdown,
+    /// The protocol called [`Transport::abort_connection`].
+    Aborted,
+    /// The protocol panicked; the connection task was unwound.
+    Panic,
+}
+
+impl LossReason {
+    /// Every label value, in [`LossReason::index`] order.
+    pub const LABELS: [&'static str; 10] = [
+        "peer_closed",
+        "closed",
+        "max_age",
+        "reset",
+        "error",
+        "idle_timeout",
+        "write_stall",
+        "shutdown",
+        "aborted",
+        "panic",
+    ];
+
+    /// Position of this reason in [`LossReason::LABELS`] (for per-reason counter arrays).
+    pub fn index(self) -> usize {
+        match self {
+            LossReason::PeerClosed => 0,
+            LossReason::Closed => 1,
+            LossReason::MaxAge => 2,
+            LossReason::Reset => 3,
+            LossReason::Error(_) => 4,
+            LossReason::IdleTimeout => 5,
+            LossReason::WriteStall => 6,
+            LossReason::Shutdown => 7,
+            LossReason::Aborted => 8,
+            LossReason::Panic => 9,
+        }
+    }
+
+    /// The fixed label value (`peer_closed`, `reset`, ...).
+    pub fn label(self) -> &'static str {
+        Self::LABELS[self.index()]
+    }
+
+    /// A clean close is one where nothing the peer sent was dropped: the peer closed, or we
+    /// closed on purpose after flushing everything.
+    pub fn is_clean(self) -> bool {
+        matches!(
+            self,
+            LossReason::PeerClosed | LossReason::Closed | LossReason::MaxAge
+        )
+    }
+
+    /// Classify a socket error: resets are an everyday event for a server, other errors are not.
+    pub fn from_io_error(err: &io::Error) -> Self {
+        match err.kind() {
+            io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe => LossReason::Reset,
+            kind => LossReason::Error(kind),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_match_indices() {
+        let all = [
+            LossReason::PeerClosed,
+            LossReason::Closed,
+            LossReason::MaxAge,
+            LossReason::Reset,
+            LossReason::Error(io::ErrorKind::Other),
+            LossReason::IdleTimeout,
+            LossReason::WriteStall,
+            LossReason::Shutdown,
+            LossReason::Aborted,
+            LossReason::Panic,
+        ];
+        for (i, reason) in all.iter().enumerate() {
+            assert_eq!(reason.index(), i);
+        }
+        assert_eq!(LossReason::Reset.label(), "reset");
+    }
+
+    #[test]
+    fn resets_are_told_apart_from_errors() {
+        let reset = io::Error::from(io::ErrorKind::ConnectionReset);
+        let pipe = io::Error::from(io::ErrorKind::BrokenPipe);
+        let other = io::Error::from(io::ErrorKind::TimedOut);
+        assert_eq!(LossReason::from_io_error(&reset), LossReason::Reset);
+        assert_eq!(LossReason::from_io_error(&pipe), LossReason::Reset);
+        assert_eq!(
+            LossReason::from_io_error(&other),
+            LossReason::Error(io::ErrorKind::TimedOut)
+        );
+        assert!(LossReason::PeerClosed.is_clean());
+        assert!(!LossReason::Shutdown.is_clean());
+    }
+}

@@ -1,0 +1,13 @@
+//! Telemetry: Prometheus metrics, tracing (logs and one span per connection, exported over
+//! OTLP), and the instrumented factory that records both around any protocol.
+//!
+//! Data flows one way: the server and the protocols update counters and spans; the admin
+//! server reads them. Nothing here feeds back into how connections are served.
+
+mod instrumented;
+mod metrics;
+mod tracing_setup;
+
+pub use instrumented::{InstrumentedFactory, InstrumentedProtocol, CONNECTION_TARGET};
+pub use metrics::{Metrics, TrafficMetrics, TEXT_CONTENT_TYPE};
+pub use tracing_setup::{init_tracing, LogFormat, OtlpSettings, TracingGuard, TracingSetupError};

@@ -1,0 +1,108 @@
+//! What a protocol may do to its connection, and an in-memory transport to test protocols with.
+//!
+//! Protocols never see the socket: they write, close and ask for addresses through
+//! [`Transport`]. The server's socket transport lives in `connection.rs`;
+//! [`MemoryTransport`] here records everything instead, like Twisted's `StringTransport`, so
+//! protocol logic is tested without a network.
+
+use std::net::SocketAddr;
+
+/// The protocol's handle on its connection.
+pub trait Transport {
+    /// Queue `data` for the peer. Never blocks: bytes the socket can't take now are buffered and
+    /// the server stops reading from this peer until they drain (backpressure).
+    fn write(&mut self, data: &[u8]);
+
+    /// Close after everything written so far has been sent (FIN, not RST).
+    fn lose_connection(&mut self);
+
+    /// Close now, discarding anything not yet sent.
+    fn abort_connection(&mut self);
+
+    /// The remote end (IPv4 peers are shown as plain IPv4, not `::ffff:a.b.c.d`).
+    fn peer_addr(&self) -> SocketAddr;
+
+    /// Our end of the connection.
+    fn local_addr(&self) -> SocketAddr;
+}
+
+/// A transport that keeps what is written in memory, for unit tests of protocols.
+#[derive(Debug)]
+pub struct MemoryTransport {
+    written: Vec<u8>,
+    disconnecting: bool,
+    aborted: bool,
+    peer: SocketAddr,
+    local: SocketAddr,
+}
+
+impl MemoryTransport {
+    /// A transport between two fixed loopback addresses.
+    pub fn new() -> Self {
+        Self::with_addrs(
+            SocketAddr::from(([127, 0, 0, 1], 40000)),
+            SocketAddr::from(([127, 0, 0, 1], 8000)),
+        )
+    }
+
+    /// A transport between `peer` and `local`.
+    pub fn with_addrs(peer: SocketAddr, local: SocketAddr) -> Self {
+        MemoryTransport {
+            written: Vec::new(),
+            disconnecting: false,
+            aborted: false,
+            peer,
+            local,
+        }
+    }
+
+    /// Everything written so far.
+    pub fn written(&self) -> &[u8] {
+        &self.written
+    }
+
+    /// Take what was written so far, leaving the record empty.
+    pub fn take_written(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.written)
+    }
+
+    /// Did the protocol ask for a graceful close?
+    pub fn is_disconnecting(&self) -> bool {
+        self.disconnecting
+    }
+
+    /// Did the protocol abort the connection?
+    pub fn is_aborted(&self) -> bool {
+        self.aborted
+    }
+}
+
+impl Default for MemoryTransport {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Transport for MemoryTransport {
+    fn write(&mut self, data: &[u8]) {
+        if !self.aborted {
+            self.written.extend_from_slice(data);
+        }
+    }
+
+    fn lose_connection(&mut self) {
+        self.disconnecting = true;
+    }
+
+    fn abort_connection(&mut self) {
+        self.aborted = true;
+    }
+
+    fn peer_addr(&self) -> SocketAddr {
+        self.peer
+    }
+
+    fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+}
