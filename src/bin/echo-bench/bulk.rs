@@ -1,0 +1,142 @@
+//! `bulk`: each connection streams `size`-byte writes as fast as the server takes them while a
+//! second task reads the echo back and compares it with the stream it sent. Reports MB/s
+//! (10^6 bytes) of verified echo over the measured window.
+//!
+//! Writer and reader are separate tasks, so the server's backpressure (not our ping-pong) sets
+//! the pace; both stop at the end of the window.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::time::Instant;
+
+use crate::cli::BulkArgs;
+use crate::connect::Connector;
+use crate::pattern::Pattern;
+use crate::procstat::Server;
+use crate::run::{self, Clock, Counters};
+
+pub async fn run(
+    args: &BulkArgs,
+    connector: Arc<Connector>,
+    server: Option<Server>,
+) -> Result<Value, String> {
+    let c = &args.common;
+    let mut streams = Vec::with_capacity(args.connections);
+    for i in 0..args.connections {
+        let s = connector
+            .connect()
+            .await
+            .map_err(|e| format!("connection {} of {}: {e}", i + 1, args.connections))?;
+        streams.push(s);
+    }
+    let pattern = Arc::new(Pattern::new(args.size));
+    let counters = Arc::new(Counters::default());
+    let clock = Clock::starting_now(c.warmup, c.duration);
+    run::spawn_progress("bulk", "bytes", clock, counters.clone(), c.quiet);
+    let cpu = server.map(|s| tokio::spawn(run::server_cpu_over_window(s, clock)));
+
+    let mut readers = Vec::new();
+    let mut writers = Vec::new();
+    for (id, stream) in streams.into_iter().enumerate() {
+        let (rd, wr) = stream.into_split();
+        let start = Pattern::start_for(id);
+        let (p, k) = (pattern.clone(), counters.clone());
+        let size = args.size;
+        writers.push(tokio::spawn(async move {
+            if write_loop(wr, start, size, &p, clock).await.is_err() {
+                k.error();
+            }
+        }));
+        let (p, k) = (pattern.clone(), counters.clone());
+        readers.push(tokio::spawn(async move {
+            match read_loop(rd, start, size, &p, clock, &k).await {
+                Ok(measured) => measured,
+                Err(_) => {
+                    k.error();
+                    0
+                }
+            }
+        }));
+    }
+    for w in writers {
+        w.await.map_err(|e| format!("writer task failed: {e}"))?;
+    }
+    let mut measured = 0u64;
+    for r in readers {
+        measured += r.await.map_err(|e| format!("reader task failed: {e}"))?;
+    }
+    let cpu = match cpu {
+        Some(h) => Some(h.await.map_err(|e| format!("server sampler failed: {e}"))?),
+        None => None,
+    };
+    let window = clock.window_secs();
+    let mib = measured as f64 / (1u64 << 20) as f64;
+    Ok(json!({
+        "connections": args.connections,
+        "size": args.size,
+        "bytes": measured,
+        "mb_per_s": measured as f64 / window / 1e6,
+        "bytes_verified": Counters::get(&counters.bytes_verified),
+        "errors": Counters::get(&counters.errors),
+        "mismatches": Counters::get(&counters.mismatches),
+        "server": run::server_json(server, cpu, mib, "mib"),
+    }))
+}
+
+/// Writes the pattern stream until the window ends (a write blocked at the end is abandoned).
+async fn write_loop(
+    mut wr: OwnedWriteHalf,
+    mut offset: u64,
+    size: usize,
+    pattern: &Pattern,
+    clock: Clock,
+) -> std::io::Result<()> {
+    while Instant::now() < clock.end {
+        let chunk = pattern.window(offset, size);
+        match tokio::time::timeout_at(clock.end, wr.write_all(chunk)).await {
+            Ok(r) => r?,
+            Err(_) => return Ok(()),
+        }
+        offset += size as u64;
+    }
+    Ok(())
+}
+
+/// Reads and verifies the echo; returns the bytes that arrived inside the measured window.
+async fn read_loop(
+    mut rd: OwnedReadHalf,
+    mut offset: u64,
+    size: usize,
+    pattern: &Pattern,
+    clock: Clock,
+    counters: &Counters,
+) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; size];
+    let mut measured = 0u64;
+    loop {
+        let n = match tokio::time::timeout_at(clock.end, rd.read(&mut buf)).await {
+            Ok(r) => r?,
+            Err(_) => return Ok(measured),
+        };
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        if buf[..n] != *pattern.window(offset, n) {
+            counters.mismatches.fetch_add(1, Ordering::Relaxed);
+            return Ok(measured);
+        }
+        offset += n as u64;
+        counters
+            .bytes_verified
+            .fetch_add(n as u64, Ordering::Relaxed);
+        counters.ops.fetch_add(n as u64, Ordering::Relaxed);
+        let now = Instant::now();
+        if now >= clock.measure_start && now <= clock.end {
+            measured += n as u64;
+        }
+    }
+}
