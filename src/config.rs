@@ -55,16 +55,16 @@ pub struct Config {
     pub write_buffer_limit: usize,
 
     /// Kernel accept backlog of the echo port.
-    #[arg(long, env = "ECHO_LISTEN_BACKLOG", default_value = "1024", value_parser = clap::value_parser!(u32).range(1..), value_name = "N")]
+    #[arg(long, env = "ECHO_LISTEN_BACKLOG", default_value = "1024", value_parser = clap::value_parser!(u32).range(1..), allow_negative_numbers = true, value_name = "N")]
     pub listen_backlog: u32,
 
     /// Refuse new connections (accept and close at once) while this many are open; /readyz
     /// reports at capacity meanwhile. Unset: no limit.
-    #[arg(long, env = "ECHO_MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..), value_name = "N")]
+    #[arg(long, env = "ECHO_MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..), allow_negative_numbers = true, value_name = "N")]
     pub max_connections: Option<u64>,
 
     /// Refuse new connections from a peer IP that already has this many open. Unset: no limit.
-    #[arg(long, env = "ECHO_MAX_CONNECTIONS_PER_PEER", value_parser = clap::value_parser!(u32).range(1..), value_name = "N")]
+    #[arg(long, env = "ECHO_MAX_CONNECTIONS_PER_PEER", value_parser = clap::value_parser!(u32).range(1..), allow_negative_numbers = true, value_name = "N")]
     pub max_connections_per_peer: Option<u32>,
 
     /// Close connections with no bytes in either direction for this long. Unset: never.
@@ -86,7 +86,7 @@ pub struct Config {
     pub max_connection_age_jitter: Duration,
 
     /// Read at most this many bytes per second from each connection. Unset: unlimited.
-    #[arg(long, env = "ECHO_THROTTLE_BYTES_PER_SECOND", value_parser = clap::value_parser!(u64).range(1..), value_name = "BYTES")]
+    #[arg(long, env = "ECHO_THROTTLE_BYTES_PER_SECOND", value_parser = clap::value_parser!(u64).range(1..), allow_negative_numbers = true, value_name = "BYTES")]
     pub throttle_bytes_per_second: Option<u64>,
 
     /// Log filter, RUST_LOG syntax (e.g. `info`, `echo_service=debug`).

@@ -71,6 +71,9 @@ async fn run(config: Config) -> Result<(), String> {
             config.admin_listen
         )
     })?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|err| format!("admin listener: {err}"))?;
     let mut signals = ShutdownSignals::install()
         .map_err(|err| format!("cannot install signal handlers: {err}"))?;
 
@@ -95,7 +98,7 @@ async fn run(config: Config) -> Result<(), String> {
     );
     tracing::info!(
         listen = %listener.local_addr().map_err(|e| e.to_string())?,
-        admin = %config.admin_listen,
+        admin = %admin_addr,
         version = env!("CARGO_PKG_VERSION"),
         otlp = tracing.exporting(),
         "echo-service serving"

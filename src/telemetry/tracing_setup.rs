@@ -175,9 +175,11 @@ fn export_wanted() -> Result<bool, TracingSetupError> {
     {
         None | Some("otlp") => {}
         Some("none") => return Ok(false),
-        Some(other) => return Err(TracingSetupError(format!(
+        Some(other) => {
+            return Err(TracingSetupError(format!(
             "invalid value '{other}' for 'OTEL_TRACES_EXPORTER': supported are 'otlp' and 'none'"
-        ))),
+        )))
+        }
     }
     Ok(env_nonempty("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some()
         || env_nonempty("OTEL_EXPORTER_OTLP_ENDPOINT").is_some())

@@ -1,0 +1,146 @@
+//! Bad configuration: every invalid setting exits non-zero with one line that names it, never a
+//! panic or a backtrace.
+
+use std::process::Command;
+
+use crate::support::SERVICE_BIN;
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let mut command = Command::new(SERVICE_BIN);
+    command.args(args);
+    for (key, _) in std::env::vars() {
+        if key.starts_with("OTEL_") || key.starts_with("ECHO_") {
+            command.env_remove(key);
+        }
+    }
+    command.envs(env.iter().copied());
+    let output = command.output().expect("run echo-service");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Arguments, environment, and the setting the error must name.
+type BadSetting<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+
+#[test]
+fn each_invalid_setting_is_named_in_a_one_line_error() {
+    let cases: &[BadSetting] = &[
+        (&["--listen", "nowhere"], &[], "--listen"),
+        (&["--admin-listen", "1.2.3.4"], &[], "--admin-listen"),
+        (&["--drain-delay", "5 parsecs"], &[], "--drain-delay"),
+        (&["--shutdown-timeout", "10"], &[], "--shutdown-timeout"),
+        (&["--read-buffer-size", "0"], &[], "--read-buffer-size"),
+        (&["--write-buffer-limit", "0"], &[], "--write-buffer-limit"),
+        (&["--max-connections", "0"], &[], "--max-connections"),
+        (
+            &["--max-connections-per-peer", "-1"],
+            &[],
+            "--max-connections-per-peer",
+        ),
+        (&["--idle-timeout", "0s"], &[], "--idle-timeout"),
+        (
+            &["--write-stall-timeout", "soon"],
+            &[],
+            "--write-stall-timeout",
+        ),
+        (
+            &[
+                "--max-connection-age",
+                "1s",
+                "--max-connection-age-jitter",
+                "5s",
+            ],
+            &[],
+            "--max-connection-age-jitter",
+        ),
+        (
+            &["--throttle-bytes-per-second", "0"],
+            &[],
+            "--throttle-bytes-per-second",
+        ),
+        (&["--log-format", "xml"], &[], "--log-format"),
+        (&["--log-level", "echo_service=loud"], &[], "--log-level"),
+        (
+            &["--admin-max-header-bytes", "100"],
+            &[],
+            "--admin-max-header-bytes",
+        ),
+        (
+            &[],
+            &[("ECHO_WRITE_BUFFER_LIMIT", "0")],
+            "--write-buffer-limit",
+        ),
+        (&[], &[("ECHO_LISTEN", "not-an-address")], "--listen"),
+        (
+            &["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"],
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "carrier-pigeon"),
+            ],
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+        ),
+    ];
+    for (args, env, named) in cases {
+        let (code, stderr) = run(args, env);
+        assert_ne!(code, 0, "{args:?} {env:?} should fail");
+        let stderr = stderr.trim();
+        assert!(
+            stderr.contains(named),
+            "{args:?} {env:?}: error does not name {named}: {stderr:?}"
+        );
+        assert_eq!(
+            stderr.lines().count(),
+            1,
+            "{args:?}: not one line: {stderr:?}"
+        );
+        assert!(
+            !stderr.contains("panicked") && !stderr.contains("backtrace"),
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
+fn a_port_in_use_is_a_clear_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (code, stderr) = run(&["--listen", &addr, "--admin-listen", "127.0.0.1:0"], &[]);
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("--listen") && stderr.contains("in use"),
+        "{stderr}"
+    );
+    let (code, stderr) = run(&["--listen", "127.0.0.1:0", "--admin-listen", &addr], &[]);
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("--admin-listen") && stderr.contains("in use"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn help_lists_every_setting_with_its_environment_variable() {
+    let output = Command::new(SERVICE_BIN).arg("--help").output().unwrap();
+    assert!(output.status.success());
+    let help = String::from_utf8_lossy(&output.stdout);
+    for (flag, env) in [
+        ("--listen", "ECHO_LISTEN"),
+        ("--admin-listen", "ECHO_ADMIN_LISTEN"),
+        ("--drain-delay", "ECHO_DRAIN_DELAY"),
+        ("--shutdown-timeout", "ECHO_SHUTDOWN_TIMEOUT"),
+        ("--write-buffer-limit", "ECHO_WRITE_BUFFER_LIMIT"),
+        (
+            "--max-connections-per-peer",
+            "ECHO_MAX_CONNECTIONS_PER_PEER",
+        ),
+        ("--log-format", "ECHO_LOG_FORMAT"),
+    ] {
+        assert!(
+            help.contains(flag) && help.contains(env),
+            "--help lacks {flag} / {env}"
+        );
+    }
+    assert!(help.contains("[default: [::]:8000]"), "{help}");
+}

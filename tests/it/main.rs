@@ -1,0 +1,9 @@
+//! Black-box tests of the real `echo-service` binary, one test binary with a module per
+//! concern (a single binary keeps link time down).
+
+mod admin;
+mod config;
+mod drain;
+mod echo;
+mod metrics;
+mod support;
