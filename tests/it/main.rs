@@ -6,4 +6,6 @@ mod config;
 mod drain;
 mod echo;
 mod metrics;
+mod otlp_receiver;
 mod support;
+mod tracing;
