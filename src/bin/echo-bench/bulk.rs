@@ -47,28 +47,32 @@ pub async fn run(
         let (p, k) = (pattern.clone(), counters.clone());
         let size = args.size;
         writers.push(tokio::spawn(async move {
-            if write_loop(wr, start, size, &p, clock).await.is_err() {
+            let (wr, result) = write_loop(wr, start, size, &p, clock).await;
+            if result.is_err() {
                 k.error();
             }
+            // Handed back, not dropped: dropping a write half sends FIN, and the server's
+            // answering FIN could reach a reader that has not yet seen the window end.
+            wr
         }));
         let (p, k) = (pattern.clone(), counters.clone());
         readers.push(tokio::spawn(async move {
-            match read_loop(rd, start, size, &p, clock, &k).await {
-                Ok(measured) => measured,
-                Err(_) => {
-                    k.error();
-                    0
-                }
+            let (measured, result) = read_loop(rd, start, size, &p, clock, &k).await;
+            if result.is_err() {
+                k.error();
             }
+            measured
         }));
     }
+    let mut write_halves = Vec::new();
     for w in writers {
-        w.await.map_err(|e| format!("writer task failed: {e}"))?;
+        write_halves.push(w.await.map_err(|e| format!("writer task failed: {e}"))?);
     }
     let mut measured = 0u64;
     for r in readers {
         measured += r.await.map_err(|e| format!("reader task failed: {e}"))?;
     }
+    drop(write_halves);
     let cpu = match cpu {
         Some(h) => Some(h.await.map_err(|e| format!("server sampler failed: {e}"))?),
         None => None,
@@ -88,25 +92,28 @@ pub async fn run(
 }
 
 /// Writes the pattern stream until the window ends (a write blocked at the end is abandoned).
+/// Returns the write half so the caller decides when the FIN goes out.
 async fn write_loop(
     mut wr: OwnedWriteHalf,
     mut offset: u64,
     size: usize,
     pattern: &Pattern,
     clock: Clock,
-) -> std::io::Result<()> {
+) -> (OwnedWriteHalf, std::io::Result<()>) {
     while Instant::now() < clock.end {
         let chunk = pattern.window(offset, size);
         match tokio::time::timeout_at(clock.end, wr.write_all(chunk)).await {
-            Ok(r) => r?,
-            Err(_) => return Ok(()),
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return (wr, Err(e)),
+            Err(_) => break,
         }
         offset += size as u64;
     }
-    Ok(())
+    (wr, Ok(()))
 }
 
-/// Reads and verifies the echo; returns the bytes that arrived inside the measured window.
+/// Reads and verifies the echo; returns the bytes that arrived inside the measured window,
+/// and whether the connection failed (an early EOF is a failure).
 async fn read_loop(
     mut rd: OwnedReadHalf,
     mut offset: u64,
@@ -114,20 +121,19 @@ async fn read_loop(
     pattern: &Pattern,
     clock: Clock,
     counters: &Counters,
-) -> std::io::Result<u64> {
+) -> (u64, std::io::Result<()>) {
     let mut buf = vec![0u8; size];
     let mut measured = 0u64;
     loop {
         let n = match tokio::time::timeout_at(clock.end, rd.read(&mut buf)).await {
-            Ok(r) => r?,
-            Err(_) => return Ok(measured),
+            Ok(Ok(0)) => return (measured, Err(std::io::ErrorKind::UnexpectedEof.into())),
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => return (measured, Err(e)),
+            Err(_) => return (measured, Ok(())),
         };
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
         if buf[..n] != *pattern.window(offset, n) {
             counters.mismatches.fetch_add(1, Ordering::Relaxed);
-            return Ok(measured);
+            return (measured, Ok(()));
         }
         offset += n as u64;
         counters

@@ -35,7 +35,7 @@ pub async fn run(
         connector
             .connect()
             .await
-            .map_err(|e| format!("cannot connect to {}: {e}", c.target))?,
+            .map_err(|e| format!("cannot start: {e}"))?,
     );
     let pattern = Arc::new(Pattern::new(args.size));
     let counters = Arc::new(Counters::default());

@@ -59,7 +59,9 @@ impl Connector {
             Ok(stream)
         };
         match tokio::time::timeout(self.timeout, fut).await {
-            Ok(r) => r,
+            Ok(r) => r.map_err(|e: io::Error| {
+                io::Error::new(e.kind(), format!("connect to {}: {e}", self.target))
+            }),
             Err(_) => Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!("connect to {} timed out", self.target),

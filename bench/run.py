@@ -1,0 +1,464 @@
+#!/usr/bin/env python3
+"""The benchmark suite behind `make bench`: echo-service against its baselines, side by side.
+
+Why interleaved: on a shared 2-core machine, background noise drifts over minutes. Running every
+server in every scenario within each round, and taking the median over rounds, makes the ratios
+(what the targets are about) robust to that drift even when absolute numbers move.
+
+Per round, per scenario, per server: start the server pinned to CPU 0 (`taskset -c 0`), run
+`echo-bench --json --server-pid PID` pinned to CPU 1, stop the server (by PID). Every
+measurement gets a fresh server, so idle RSS starts from the same baseline.
+
+Servers: echo-service with all telemetry on (metrics, every connection span sampled and
+exported over OTLP/HTTP to bench/otlp_sink.py on CPU 1), echo-service with export off (idle
+scenarios only: the issue has a separate target for it), and the three baselines:
+examples/tokio_readme_echo.rs, examples/tokio_nodelay_echo.rs, bench/twisted_echo.py.
+
+Output: bench/results/<timestamp>.jsonl (one line per measurement, echo-bench's report plus
+round/scenario/server_name) and <timestamp>.md (medians, ratios, targets met or missed, and every
+round's value of each scenario's main metric), the markdown also on stdout.
+Standard library only. See bench/README.md.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+SERVER_CPU, CLIENT_CPU = "0", "1"
+# Descriptors a process needs beyond its connections (stdio, epoll, listener, runtime).
+FD_HEADROOM = 1000
+START_TIMEOUT_S = 15
+STOP_TIMEOUT_S = 5
+
+# Servers, in table column order. "idle_only" ones run in the idle scenarios alone.
+SERVERS = [
+    {"name": "echo-service", "label": "echo-service (telemetry on)"},
+    {"name": "echo-service-noexport", "label": "echo-service (export off)", "idle_only": True},
+    {"name": "tokio-readme", "label": "tokio README (1 KiB)"},
+    {"name": "tokio-64k", "label": "tokio 64 KiB + NODELAY"},
+    {"name": "twisted", "label": "Twisted"},
+]
+
+
+def scenarios(args, idle_cap):
+    """Scenario name -> echo-bench arguments and the metrics the table shows.
+
+    A metric is (label, path into the report, "higher" or "lower" is better).
+    """
+    timed = ["--duration", f"{args.duration}s", "--warmup", f"{args.warmup}s"]
+    idle = ["--duration", f"{args.idle_hold}s", "--warmup", f"{args.idle_settle}s"]
+    big = min(50_000, idle_cap)
+    cpu_msg = ("server CPU us/msg", "server.cpu_us_per_msg", "lower")
+    return {
+        "pp-64x1": {
+            "args": ["ping-pong", "-c", "1", "-s", "64"] + timed,
+            "metrics": [("msgs/s", "msgs_per_s", "higher"), ("p50 us", "latency_us.p50", "lower"),
+                        ("p99 us", "latency_us.p99", "lower"), cpu_msg],
+        },
+        "pp-64x100": {
+            "args": ["ping-pong", "-c", "100", "-s", "64"] + timed,
+            "metrics": [("msgs/s", "msgs_per_s", "higher"), cpu_msg,
+                        ("p99 us", "latency_us.p99", "lower")],
+        },
+        "pp-4kx100": {
+            "args": ["ping-pong", "-c", "100", "-s", "4KiB"] + timed,
+            "metrics": [("msgs/s", "msgs_per_s", "higher"), cpu_msg,
+                        ("p99 us", "latency_us.p99", "lower")],
+        },
+        "bulk-1": {
+            "args": ["bulk", "-c", "1", "-s", "64KiB"] + timed,
+            "metrics": [("MB/s", "mb_per_s", "higher"),
+                        ("server CPU us/MiB", "server.cpu_us_per_mib", "lower")],
+        },
+        "churn": {
+            "args": ["churn", "-c", "8", "-s", "64"] + timed,
+            "metrics": [("conns/s", "conns_per_s", "higher"),
+                        ("server CPU us/conn", "server.cpu_us_per_conn", "lower"),
+                        ("p99 us", "latency_us.p99", "lower")],
+        },
+        "idle-10k": {
+            "args": ["idle", "-c", "10000"] + idle,
+            "idle": True,
+            "metrics": [("RSS KiB/conn", "server.rss_per_conn_kib", "lower"),
+                        ("held", "held", "higher"),
+                        ("RSS MiB held", "server.rss_held_mib", "lower")],
+        },
+        "idle-50k": {
+            "args": ["idle", "-c", str(big)] + idle,
+            "idle": True,
+            "connections": big,
+            "metrics": [("held", "held", "higher"),
+                        ("RSS MiB held", "server.rss_held_mib", "lower"),
+                        ("RSS KiB/conn", "server.rss_per_conn_kib", "lower"),
+                        ("RSS MiB at 50k (extrapolated)", "server.rss_50k_mib", "lower")],
+        },
+    }
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(port, proc, timeout=START_TIMEOUT_S):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"server not listening on {port} after {timeout}s")
+
+
+def stop(proc):
+    """Stops a process we started, by its PID: SIGTERM, then SIGKILL after a bound."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(STOP_TIMEOUT_S)
+
+
+class Suite:
+    def __init__(self, args):
+        self.args = args
+        self.bin = os.path.abspath(args.bin_dir)
+        self.python = args.python
+        self.sink_port = free_port()
+        self.log = open(os.path.join(args.out, f"{args.stamp}.servers.log"), "w")
+        self.sink = None
+
+    def start_sink(self):
+        self.sink = subprocess.Popen(
+            ["taskset", "-c", CLIENT_CPU, sys.executable, os.path.join(HERE, "otlp_sink.py"),
+             f"127.0.0.1:{self.sink_port}"],
+            stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL)
+        wait_listening(self.sink_port, self.sink)
+
+    def sink_stats(self):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.sink_port}/", timeout=2) as r:
+                return dict(line.split() for line in r.read().decode().splitlines())
+        except OSError as e:
+            return {"error": str(e)}
+
+    def server_command(self, name, port):
+        """argv and extra environment of server `name` listening on 127.0.0.1:port."""
+        addr = f"127.0.0.1:{port}"
+        env = {k: v for k, v in os.environ.items()
+               if not (k.startswith("OTEL_") or k.startswith("ECHO_"))}
+        if name.startswith("echo-service"):
+            argv = [os.path.join(self.bin, "echo-service"), "--listen", addr,
+                    "--admin-listen", f"127.0.0.1:{free_port()}", "--shutdown-timeout", "1s"]
+            if name == "echo-service":
+                env.update({
+                    "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{self.sink_port}",
+                    "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+                    "OTEL_TRACES_SAMPLER": "always_on",
+                })
+        elif name == "tokio-readme":
+            argv = [os.path.join(self.bin, "examples", "tokio_readme_echo"), addr]
+        elif name == "tokio-64k":
+            argv = [os.path.join(self.bin, "examples", "tokio_nodelay_echo"), addr]
+        elif name == "twisted":
+            argv = [self.python, os.path.join(HERE, "twisted_echo.py"), addr]
+        else:
+            raise ValueError(name)
+        return ["taskset", "-c", SERVER_CPU] + argv, env
+
+    def measure(self, name, scenario):
+        """One fresh server, one echo-bench run; returns echo-bench's report (or an error)."""
+        port = free_port()
+        argv, env = self.server_command(name, port)
+        # taskset execs the server, so this PID is the server's own.
+        server = subprocess.Popen(argv, env=env, stdout=self.log, stderr=self.log,
+                                  stdin=subprocess.DEVNULL)
+        try:
+            wait_listening(port, server)
+            time.sleep(0.2)  # let the interpreter / runtime finish starting before RSS "before"
+            cmd = ["taskset", "-c", CLIENT_CPU, os.path.join(self.bin, "echo-bench")]
+            cmd += scenario["args"] + ["--target", f"127.0.0.1:{port}",
+                                       "--server-pid", str(server.pid), "--json", "--quiet"]
+            bound = self.args.duration + self.args.warmup + self.args.idle_hold + 120
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=bound)
+            if out.returncode not in (0, 3) or not out.stdout.strip():
+                return {"error": f"echo-bench exited {out.returncode}: {out.stderr.strip()[-400:]}"}
+            report = json.loads(out.stdout)
+            report["exit_code"] = out.returncode
+            derive(report)
+            return report
+        except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as e:
+            return {"error": str(e)}
+        finally:
+            stop(server)
+
+    def close(self):
+        if self.sink:
+            stop(self.sink)
+        self.log.close()
+
+
+def derive(report):
+    """Adds the idle figures the table wants in MiB."""
+    srv = report.get("server") or {}
+    if report.get("mode") == "idle" and srv.get("rss_held_kib") is not None:
+        srv["rss_held_mib"] = srv["rss_held_kib"] / 1024
+        per = srv.get("rss_per_conn_kib")
+        if per is not None:
+            srv["rss_50k_mib"] = (srv["rss_before_kib"] + per * 50_000) / 1024
+
+
+def get(report, path):
+    v = report
+    for part in path.split("."):
+        if not isinstance(v, dict) or v.get(part) is None:
+            return None
+        v = v[part]
+    return v if isinstance(v, (int, float)) else None
+
+
+def median_of(results, scenario, server, path):
+    vals = [get(r, path) for r in results
+            if r["scenario"] == scenario and r["server_name"] == server and "error" not in r]
+    vals = [v for v in vals if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def fmt(v):
+    if v is None:
+        return "-"
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    if abs(v) >= 100:
+        return f"{v:.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def ratio(a, b):
+    return f"{a / b:.2f}x" if a is not None and b else "-"
+
+
+def targets(results, scen):
+    """The issue's targets: (description, measured, met?)."""
+    m = lambda s, srv, p: median_of(results, s, srv, p)  # noqa: E731
+    out = []
+
+    def check(desc, value, limit, ok):
+        met = None if value is None or limit is None else ok(value, limit)
+        out.append((desc, value, limit, met))
+
+    es, rd, tk = "echo-service", "tokio-readme", "tokio-64k"
+    cpu = "server.cpu_us_per_msg"
+    a, b = m("pp-64x100", es, cpu), m("pp-64x100", rd, cpu)
+    check("64 B x 100: server CPU/msg <= 1.05x tokio README", a and b and a / b, 1.05,
+          lambda v, l: v <= l)
+    a, b = m("pp-4kx100", es, "msgs_per_s"), m("pp-4kx100", tk, "msgs_per_s")
+    check("4 KiB x 100: msgs/s >= 0.97x tokio 64 KiB", a and b and a / b, 0.97,
+          lambda v, l: v >= l)
+    a, b = m("bulk-1", es, "mb_per_s"), m("bulk-1", tk, "mb_per_s")
+    check("bulk: MB/s >= 1.0x tokio 64 KiB", a and b and a / b, 1.0, lambda v, l: v >= l)
+    a, b = m("pp-64x1", es, "latency_us.p99"), m("pp-64x1", rd, "latency_us.p99")
+    check("1 connection: p99 <= 1.1x tokio README", a and b and a / b, 1.1, lambda v, l: v <= l)
+    check("idle 10k, export on: RSS/conn <= 1.75 KiB",
+          m("idle-10k", es, "server.rss_per_conn_kib"), 1.75, lambda v, l: v <= l)
+    check("idle 10k, export off: RSS/conn <= 1.0 KiB",
+          m("idle-10k", "echo-service-noexport", "server.rss_per_conn_kib"), 1.0,
+          lambda v, l: v <= l)
+    a, b = m("churn", es, "conns_per_s"), m("churn", rd, "conns_per_s")
+    check("churn (spans exported): conns/s >= 0.8x tokio README", a and b and a / b, 0.8,
+          lambda v, l: v >= l)
+    n = scen["idle-50k"]["connections"]
+    held = m("idle-50k", es, "held")
+    check(f"idle {n // 1000}k: all {n} held", held, n, lambda v, l: v >= l)
+    check(f"idle {n // 1000}k: server RSS < 100 MiB", m("idle-50k", es, "server.rss_held_mib"),
+          100, lambda v, l: v < l)
+    if n < 50_000:
+        check("idle 50k: server RSS < 100 MiB (extrapolated from the capped run)",
+              m("idle-50k", es, "server.rss_50k_mib"), 100, lambda v, l: v < l)
+    return out
+
+
+def markdown(args, meta, results, scen, sink):
+    servers = [s for s in SERVERS if s["name"] in args.servers]
+    lines = [f"# echo-service benchmark {args.stamp}", ""]
+    lines.append(
+        f"{meta['rounds']} rounds, median per cell; timed scenarios {args.warmup}s warm-up + "
+        f"{args.duration}s measured; idle: {args.idle_settle}s settle, {args.idle_hold}s hold. "
+        f"Server on CPU {SERVER_CPU}, client on CPU {CLIENT_CPU}. {meta['cpus']} CPUs, "
+        f"kernel {meta['kernel']}, commit {meta['commit']}.")
+    if meta.get("idle_cap_note"):
+        lines += ["", meta["idle_cap_note"]]
+    lines += ["", "Ratios are echo-service (telemetry on) / baseline; for idle rows the "
+              "export-off column's ratio to the README echo is in brackets.", ""]
+    head = ["scenario", "metric"] + [s["label"] for s in servers] + [
+        "vs README", "vs 64 KiB", "vs Twisted"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    for sname, sc in scen.items():
+        if sname not in args.scenarios:
+            continue
+        for label, path, _ in sc["metrics"]:
+            vals = {s["name"]: median_of(results, sname, s["name"], path) for s in servers}
+            es = vals.get("echo-service")
+            cells = [sname, label] + [fmt(vals[s["name"]]) for s in servers]
+            vs_readme = ratio(es, vals.get("tokio-readme"))
+            if sc.get("idle") and "echo-service-noexport" in vals:
+                vs_readme += f" [{ratio(vals['echo-service-noexport'], vals.get('tokio-readme'))}]"
+            cells += [vs_readme, ratio(es, vals.get("tokio-64k")), ratio(es, vals.get("twisted"))]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Targets (issue 5)", "", "| target | measured | limit | met |",
+              "|---|---|---|---|"]
+    for desc, value, limit, met in targets(results, scen):
+        verdict = {True: "yes", False: "**no**", None: "not measured"}[met]
+        lines.append(f"| {desc} | {fmt(value)} | {fmt(limit)} | {verdict} |")
+    lines += ["", "## Every round (main metric of each scenario)", "",
+              "| scenario | metric | server | per round | spread (max/min) |", "|---|---|---|---|---|"]
+    for sname, sc in scen.items():
+        if sname not in args.scenarios:
+            continue
+        label, path, _ = sc["metrics"][0]
+        for s in servers:
+            vals = [get(r, path) for r in results
+                    if r["scenario"] == sname and r["server_name"] == s["name"]]
+            if not vals:
+                continue
+            shown = ", ".join(fmt(v) for v in vals)
+            good = [v for v in vals if v]
+            spread = f"{max(good) / min(good):.2f}" if good else "-"
+            lines.append(f"| {sname} | {label} | {s['name']} | {shown} | {spread} |")
+    errors = [r for r in results if "error" in r or get(r, "errors") or get(r, "mismatches")]
+    lines += ["", "## Errors", ""]
+    if not errors:
+        lines.append("None: every echoed byte verified, no connection errors.")
+    for r in errors:
+        detail = r.get("error") or f"errors={get(r, 'errors')} mismatches={get(r, 'mismatches')}"
+        lines.append(f"- round {r['round']} {r['scenario']} {r['server_name']}: {detail}")
+    lines += ["", f"OTLP sink (echo-service export target): {sink}", ""]
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--bin-dir", default=os.path.join(ROOT, "target", "release"),
+                   help="where echo-service, echo-bench and examples/ are (release build)")
+    p.add_argument("--python", default=os.path.join(ROOT, ".venv", "bench", "bin", "python"),
+                   help="python with twisted installed (make bench-venv)")
+    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--duration", type=float, default=4.0, help="measured seconds per run")
+    p.add_argument("--warmup", type=float, default=1.0)
+    p.add_argument("--idle-settle", type=float, default=2.0)
+    p.add_argument("--idle-hold", type=float, default=2.0)
+    p.add_argument("--scenarios", default="all", help="comma-separated subset")
+    p.add_argument("--servers", default="all", help="comma-separated subset")
+    args = p.parse_args()
+    if not 1 <= args.rounds <= 20:
+        p.error("--rounds must be between 1 and 20")
+    if not (0 < args.duration <= 600 and 0 <= args.warmup <= 60):
+        p.error("--duration must be in (0, 600] and --warmup in [0, 60]")
+    args.servers = [s["name"] for s in SERVERS] if args.servers == "all" \
+        else args.servers.split(",")
+    unknown = set(args.servers) - {s["name"] for s in SERVERS}
+    if unknown:
+        p.error(f"unknown servers {sorted(unknown)}")
+    if os.cpu_count() < 2:
+        p.error("needs 2 CPUs (server on CPU 0, client on CPU 1)")
+    for binary in ["echo-service", "echo-bench", "examples/tokio_readme_echo",
+                   "examples/tokio_nodelay_echo"]:
+        if not os.access(os.path.join(args.bin_dir, binary), os.X_OK):
+            p.error(f"{args.bin_dir}/{binary} missing: cargo build --release --bins --examples")
+    if "twisted" in args.servers:
+        ok = subprocess.run([args.python, "-c", "import twisted"], capture_output=True)
+        if ok.returncode != 0:
+            p.error(f"{args.python} cannot import twisted: run `make bench-venv`")
+
+    # One process holds at most RLIMIT_NOFILE connections; without CAP_SYS_RESOURCE the hard
+    # limit cannot be raised, so the 50k idle scenario is capped and the cap is reported.
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    hard = 1 << 30 if hard == resource.RLIM_INFINITY else hard
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # children inherit it
+    except (ValueError, OSError):
+        pass
+    idle_cap = hard - FD_HEADROOM
+    scen = scenarios(args, idle_cap)
+    args.scenarios = list(scen) if args.scenarios == "all" else args.scenarios.split(",")
+    unknown = set(args.scenarios) - set(scen)
+    if unknown:
+        p.error(f"unknown scenarios {sorted(unknown)}; known: {', '.join(scen)}")
+
+    os.makedirs(args.out, exist_ok=True)
+    args.stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
+    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip() or "unknown"
+    meta = {"meta": True, "stamp": args.stamp, "rounds": args.rounds, "commit": commit,
+            "cpus": os.cpu_count(), "kernel": platform.release(), "nofile_hard": hard,
+            "duration_s": args.duration, "warmup_s": args.warmup}
+    if idle_cap < 50_000:
+        meta["idle_cap_note"] = (
+            f"**idle-50k ran with {idle_cap} connections**: RLIMIT_NOFILE's hard limit here is "
+            f"{hard} and cannot be raised without CAP_SYS_RESOURCE (one process, server or "
+            "client, cannot hold more sockets). Its last row extrapolates the server's RSS to "
+            "50k connections from the measured per-connection cost.")
+    jsonl_path = os.path.join(args.out, f"{args.stamp}.jsonl")
+    md_path = os.path.join(args.out, f"{args.stamp}.md")
+
+    suite = Suite(args)
+    results = []
+    started = time.monotonic()
+    try:
+        suite.start_sink()
+        with open(jsonl_path, "w") as jl:
+            jl.write(json.dumps(meta) + "\n")
+            for rnd in range(1, args.rounds + 1):
+                for sname in args.scenarios:
+                    sc = scen[sname]
+                    for srv in SERVERS:
+                        if srv["name"] not in args.servers:
+                            continue
+                        if srv.get("idle_only") and not sc.get("idle"):
+                            continue
+                        t0 = time.monotonic()
+                        report = suite.measure(srv["name"], sc)
+                        row = {**report, "round": rnd, "scenario": sname, "server_name": srv["name"]}
+                        results.append(row)
+                        jl.write(json.dumps(row) + "\n")
+                        jl.flush()
+                        main_label, main_path, _ = sc["metrics"][0]
+                        shown = report.get("error") or f"{main_label} {fmt(get(report, main_path))}"
+                        print(f"[{time.monotonic() - started:6.0f}s] round {rnd}/{args.rounds} "
+                              f"{sname:<10} {srv['name']:<22} {shown} "
+                              f"({time.monotonic() - t0:.1f}s)", file=sys.stderr, flush=True)
+        sink = suite.sink_stats()
+    finally:
+        suite.close()
+    md = markdown(args, meta, results, scen, sink)
+    with open(md_path, "w") as f:
+        f.write(md)
+    print(md)
+    print(f"\nwrote {jsonl_path}\nwrote {md_path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
