@@ -309,7 +309,9 @@ pub(crate) async fn drive<P: Protocol>(
             step = io => match step {
                 Step::Lost(reason) => break reason,
                 Step::Linger(reason) => {
-                    linger(&mut stream, abort).await;
+                    // Boxed: a rare path whose buffer and timer should not enlarge every
+                    // connection's future.
+                    Box::pin(linger(&mut stream, abort)).await;
                     break reason;
                 }
                 Step::Rearm => {}

@@ -196,7 +196,7 @@ impl<F: Factory> Acceptor<'_, F> {
         let settings = self.server.settings.clone();
         let mut abort = self.abort.clone();
         let done = self.done.clone();
-        tokio::spawn(async move {
+        let task = async move {
             let _done = done;
             let mut active = active;
             let mut protocol = protocol;
@@ -208,7 +208,8 @@ impl<F: Factory> Acceptor<'_, F> {
                 tracing::warn!(connection.id = info.id, peer = %info.peer, error = %kind, "connection failed");
             }
             active.finish(reason);
-        });
+        };
+        tokio::spawn(task);
     }
 }
 
