@@ -5,7 +5,8 @@
 //! protocol is dropped after `connection_lost`), a "connection made" and a "connection lost"
 //! event, and the duration histogram. Per read and per write: one relaxed atomic add each; no
 //! event per chunk, no span enter on the hot path. Attributes known only at the end (bytes,
-//! duration, loss reason) are recorded at the end.
+//! duration, loss reason) are recorded at the end. Integers are recorded as `i64`: the OTLP
+//! bridge exports `u64`/`u16` fields as strings.
 //!
 //! The span is at DEBUG level with target [`CONNECTION_TARGET`]: when neither OTLP export nor
 //! debug logging wants it, it is never created and costs nothing (no registry entry per idle
@@ -53,9 +54,9 @@ impl<F: Factory> Factory for InstrumentedFactory<F> {
             network.transport = "tcp",
             network.type = if conn.peer.is_ipv4() { "ipv4" } else { "ipv6" },
             network.peer.address = %conn.peer.ip(),
-            network.peer.port = conn.peer.port(),
+            network.peer.port = i64::from(conn.peer.port()),
             server.address = %conn.local.ip(),
-            server.port = conn.local.port(),
+            server.port = i64::from(conn.local.port()),
             connection.id = conn.id as i64,
             echo.received_bytes = Empty,
             echo.sent_bytes = Empty,
@@ -169,8 +170,8 @@ impl<P: Protocol> Protocol for InstrumentedProtocol<P> {
             target: CONNECTION_TARGET,
             parent: span,
             reason = reason.label(),
-            received_bytes = self.received,
-            sent_bytes = self.sent,
+            received_bytes = self.received as i64,
+            sent_bytes = self.sent as i64,
             "connection lost"
         );
         let _entered = span.enter();

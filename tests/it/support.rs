@@ -67,10 +67,11 @@ impl Service {
         let sink = logs.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.contains("echo-service serving") {
-                    let _ = tx.send(line.clone());
+                let serving = line.contains("echo-service serving").then(|| line.clone());
+                sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+                if let Some(line) = serving {
+                    let _ = tx.send(line);
                 }
-                sink.lock().unwrap().push(line);
             }
         });
         let line = rx
