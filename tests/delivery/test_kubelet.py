@@ -1,0 +1,315 @@
+"""Kubelet simulation: run the real binary the way the rendered Deployment says.
+
+From the rendered pod template we take the container's args, its env (with
+the downward API filled in and $(VAR) references expanded as kubelet does)
+and its named ports. Each containerPort is remapped to a free loopback port:
+ECHO_LISTEN/ECHO_ADMIN_LISTEN must name exactly the containerPorts, which is
+checked, then rewritten. The probes run as kubelet runs them: HTTP GET on the
+probe's path, the port resolved by name, the probe's timeoutSeconds, success
+when 200 <= status < 400; the startup probe every periodSeconds up to
+failureThreshold. Liveness/readiness are sampled a few times rather than
+waited out over their full periods.
+
+Termination is kubelet's: the preStop sleep (the service is not signalled
+yet), then SIGTERM; the process must report not-ready at once, keep liveness
+passing, keep accepting through the drain delay, then refuse new connections,
+let open ones finish, and exit 0 within terminationGracePeriodSeconds counted
+from the start of preStop.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+
+import pytest
+
+from support import (
+    EVERYTHING_VALUES,
+    Process,
+    connect,
+    echo_round_trip,
+    echo_service_binary,
+    free_port,
+    http_get,
+    load_values,
+    manifests,
+    one,
+    render,
+    wait_until,
+)
+
+FAST_SHUTDOWN = {"preStopSleepSeconds": 1, "drainDelaySeconds": 2, "timeoutSeconds": 3, "graceMarginSeconds": 2}
+
+FAKE_POD = {
+    "metadata.name": "echo-echo-service-7d9c8b7f5-x2x9q",
+    "metadata.namespace": "apps",
+    "spec.nodeName": "node-1",
+    "status.podIP": "127.0.0.1",
+}
+
+
+@dataclass
+class SimulatedPod:
+    """The container of a rendered Deployment, run as a local process."""
+
+    deployment: dict
+    tmp: object
+    # containerPort -> free loopback port
+    port_map: dict[int, int] = field(default_factory=dict)
+    proc: Process | None = None
+
+    def __post_init__(self):
+        spec = self.deployment["spec"]["template"]["spec"]
+        (self.container,) = spec["containers"]
+        self.grace = spec["terminationGracePeriodSeconds"]
+        self.named_ports = {p["name"]: p["containerPort"] for p in self.container["ports"]}
+        self.port_map = {port: free_port() for port in self.named_ports.values()}
+        self.env = self._resolve_env()
+
+    # -- env, as kubelet builds it ------------------------------------------------
+
+    def _resolve_env(self) -> dict[str, str]:
+        env: dict[str, str] = {}
+        for var in self.container.get("env", []):
+            if "value" in var:
+                value = self._expand(var["value"], env)
+            elif "fieldRef" in var.get("valueFrom", {}):
+                value = FAKE_POD[var["valueFrom"]["fieldRef"]["fieldPath"]]
+            elif "secretKeyRef" in var.get("valueFrom", {}):
+                value = "authorization=Bearer test-token"
+            else:
+                raise AssertionError(f"env var source not simulated: {var}")
+            env[var["name"]] = value
+        for name, port_name in (("ECHO_LISTEN", "tcp-echo"), ("ECHO_ADMIN_LISTEN", "admin")):
+            m = re.fullmatch(r"\[::\]:(\d+)", env[name])
+            assert m, f"{name}={env[name]!r}: expected [::]:PORT"
+            assert int(m.group(1)) == self.named_ports[port_name], (
+                f"{name} binds {m.group(1)} but the container port named {port_name} is {self.named_ports[port_name]}"
+            )
+            env[name] = f"127.0.0.1:{self.port_map[int(m.group(1))]}"
+        return env
+
+    @staticmethod
+    def _expand(value: str, env: dict[str, str]) -> str:
+        """Kubernetes $(VAR) expansion: defined earlier -> value; $$ escapes; else left as is."""
+        def sub(m):
+            if m.group(0).startswith("$$"):
+                return m.group(0)[1:]
+            return env.get(m.group(1), m.group(0))
+
+        return re.sub(r"\$\$\([A-Za-z_][A-Za-z0-9_]*\)|\$\(([A-Za-z_][A-Za-z0-9_]*)\)", sub, value)
+
+    def local_port(self, port) -> int:
+        container_port = self.named_ports[port] if isinstance(port, str) else port
+        return self.port_map[container_port]
+
+    @property
+    def echo_port(self) -> int:
+        return self.local_port("tcp-echo")
+
+    # -- process ------------------------------------------------------------------------
+
+    def start(self, env_overrides: dict[str, str] | None = None) -> None:
+        import os
+
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **self.env, **(env_overrides or {})}
+        argv = [str(echo_service_binary()), *self.container.get("args", [])]
+        self.proc = Process(argv, env, self.tmp / f"pod-{time.monotonic_ns()}.log")
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.stop()
+
+    # -- probes -------------------------------------------------------------------------
+
+    def probe(self, kind: str) -> tuple[bool, str]:
+        """One probe attempt, as kubelet's HTTP prober does it."""
+        spec = self.container[kind]
+        get = spec["httpGet"]
+        assert get.get("scheme", "HTTP") == "HTTP"
+        try:
+            status, body = http_get(self.local_port(get["port"]), get["path"], timeout=spec.get("timeoutSeconds", 1))
+        except OSError as exc:
+            return False, f"{kind}: {exc!r}"
+        return 200 <= status < 400, f"{kind}: {status} {body[:200]!r}"
+
+    def run_startup_probe(self) -> int:
+        """Probe every periodSeconds until success; fail after failureThreshold failures."""
+        spec = self.container["startupProbe"]
+        time.sleep(spec.get("initialDelaySeconds", 0))
+        last = ""
+        for attempt in range(1, spec.get("failureThreshold", 3) + 1):
+            started = time.monotonic()
+            ok, last = self.probe("startupProbe")
+            if ok:
+                return attempt
+            if self.proc.proc.poll() is not None:
+                break
+            time.sleep(max(0.0, spec.get("periodSeconds", 10) - (time.monotonic() - started)))
+        raise AssertionError(f"startup probe never passed (kubelet would restart the container): {last}\n{self.proc.log()}")
+
+    def assert_probes_pass(self, times: int = 3) -> None:
+        for _ in range(times):
+            for kind in ("livenessProbe", "readinessProbe"):
+                ok, detail = self.probe(kind)
+                assert ok, f"{detail}\n{self.proc.log()}"
+            time.sleep(0.1)
+
+
+def deployment_for(values: dict) -> dict:
+    return one(manifests(render(values)), "Deployment")
+
+
+@pytest.fixture
+def pod_factory(tmp_path):
+    pods: list[SimulatedPod] = []
+
+    def make(values: dict) -> SimulatedPod:
+        pod = SimulatedPod(deployment_for(values), tmp_path)
+        pods.append(pod)
+        return pod
+
+    yield make
+    for pod in pods:
+        pod.stop()
+
+
+def refused(port: int) -> bool:
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=0.5)
+    except (ConnectionRefusedError, socket.timeout, OSError):
+        return True
+    s.close()
+    return False
+
+
+@pytest.mark.parametrize(
+    "values, stubborn",
+    [({}, False), ({"shutdown": FAST_SHUTDOWN}, True)],
+    ids=["default-values-clients-close", "fast-shutdown-client-never-closes"],
+)
+def test_probes_and_graceful_termination(pod_factory, values, stubborn):
+    pod = pod_factory(values)
+    env = pod.env
+    drain = float(env["ECHO_DRAIN_DELAY"].removesuffix("s"))
+    timeout = float(env["ECHO_SHUTDOWN_TIMEOUT"].removesuffix("s"))
+    pre_stop = pod.container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+
+    pod.start()
+    attempts = pod.run_startup_probe()
+    assert attempts <= pod.container["startupProbe"]["failureThreshold"]
+    pod.assert_probes_pass()
+
+    steady = [connect(pod.echo_port) for _ in range(2)]
+    for i, s in enumerate(steady):
+        assert echo_round_trip(s, b"before-%d\n" % i) == b"before-%d\n" % i
+    holdout = connect(pod.echo_port) if stubborn else None
+    if holdout:
+        assert echo_round_trip(holdout, b"hold\n") == b"hold\n"
+
+    # Kubelet: preStop hook first (endpoints are being removed meanwhile) ...
+    t0 = time.monotonic()
+    if pre_stop:
+        time.sleep(pre_stop)
+        ok, detail = pod.probe("readinessProbe")
+        assert ok, f"not signalled yet, should still be ready: {detail}"
+    # ... then SIGTERM.
+    pod.proc.signal(signal.SIGTERM)
+    t_term = time.monotonic()
+
+    wait_until(lambda: not pod.probe("readinessProbe")[0], 1.0, what="readiness to fail after SIGTERM")
+    status, body = http_get(pod.local_port("admin"), "/readyz")
+    assert status == 503 and json.loads(body) == {"ready": False, "reason": "draining"}
+    ok, detail = pod.probe("livenessProbe")
+    assert ok, f"liveness must keep passing while draining, or kubelet restarts the pod: {detail}"
+
+    if drain >= 1:
+        # Still accepting during the drain delay.
+        late = connect(pod.echo_port)
+        assert echo_round_trip(late, b"during-drain\n") == b"during-drain\n"
+        steady.append(late)
+
+    # After the drain delay the listener closes; open connections keep echoing.
+    wait_until(lambda: refused(pod.echo_port), drain + 2, interval=0.1, what="the echo listener to close")
+    assert time.monotonic() - t_term >= drain - 0.2, "listener closed before the drain delay ended"
+    for i, s in enumerate(steady):
+        assert echo_round_trip(s, b"after-close-%d\n" % i) == b"after-close-%d\n" % i
+    ok, detail = pod.probe("livenessProbe")
+    assert ok, detail
+
+    for s in steady:
+        s.shutdown(socket.SHUT_WR)
+        assert s.recv(16) == b"", "server should close after our FIN"
+        s.close()
+    t_closed = time.monotonic()
+
+    code = pod.proc.wait(timeout=pod.grace + 5)
+    t_exit = time.monotonic()
+    assert code == 0, f"exit code {code}\n{pod.proc.log()}"
+    assert t_exit - t0 < pod.grace, (
+        f"exited {t_exit - t0:.1f}s after preStop began; terminationGracePeriodSeconds is {pod.grace}"
+    )
+    if holdout:
+        # The held connection is cut at the shutdown timeout, not before.
+        assert t_exit - t_term >= drain + timeout - 0.3, f"exited after {t_exit - t_term:.1f}s"
+        holdout.settimeout(2)
+        try:
+            assert holdout.recv(16) == b""
+        except ConnectionResetError:
+            pass
+        holdout.close()
+    else:
+        assert t_exit - t_closed < 2.0, f"took {t_exit - t_closed:.1f}s to exit after the last connection closed"
+
+    if env.get("ECHO_LOG_FORMAT") == "json":
+        lines = [line for line in pod.proc.log(tail=1_000_000).splitlines() if line.strip()]
+        assert lines, "no log output"
+        not_json = [line for line in lines if not is_json_object(line)]
+        assert not_json == [], "ECHO_LOG_FORMAT=json, but these output lines are not JSON objects"
+
+
+def is_json_object(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
+def test_readiness_fails_at_the_connection_limit(pod_factory):
+    """config.limits.maxConnections reaches the binary: at the limit /readyz is 503 at_capacity."""
+    pod = pod_factory({"config": {"limits": {"maxConnections": 2}}, "shutdown": {"drainDelaySeconds": 0}})
+    assert pod.env["ECHO_MAX_CONNECTIONS"] == "2"
+    pod.start()
+    pod.run_startup_probe()
+    pod.assert_probes_pass(1)
+    conns = [connect(pod.echo_port) for _ in range(2)]
+    for s in conns:
+        assert echo_round_trip(s, b"x\n") == b"x\n"
+    wait_until(lambda: not pod.probe("readinessProbe")[0], 2.0, what="readiness to fail at capacity")
+    status, body = http_get(pod.local_port("admin"), "/readyz")
+    assert status == 503 and json.loads(body)["reason"] == "at_capacity"
+    ok, detail = pod.probe("livenessProbe")
+    assert ok, detail
+    for s in conns:
+        s.close()
+    wait_until(lambda: pod.probe("readinessProbe")[0], 2.0, what="readiness to recover below the limit")
+
+
+def test_binary_accepts_every_setting_the_chart_renders(pod_factory):
+    """The everything-on render (limits, durations, OTEL_*, extra args) starts and serves."""
+    pod = pod_factory(load_values(EVERYTHING_VALUES))
+    rendered = {e["name"] for e in pod.container["env"]}
+    assert {"ECHO_IDLE_TIMEOUT", "ECHO_MAX_CONNECTION_AGE_JITTER", "OTEL_TRACES_SAMPLER"} <= rendered
+    closed = free_port()  # nothing listens: exports fail fast and stay on loopback
+    pod.start({"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{closed}"})
+    pod.run_startup_probe()
+    pod.assert_probes_pass(2)
+    s = connect(pod.echo_port)
+    assert echo_round_trip(s, b"all settings\n") == b"all settings\n"
+    s.close()
+    assert "k8s.pod.name=echo-echo-service-7d9c8b7f5-x2x9q" in pod.env["OTEL_RESOURCE_ATTRIBUTES"]
