@@ -374,3 +374,21 @@ def test_prometheusrule_follows_a_name_override():
         for r in g["rules"]:
             r["expr"] = r["expr"].replace('job="echo-service"', 'job="tcp-echo"')
     assert spec == expected
+
+
+def test_readme_values_table_lists_every_value():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    readme = (CHART / "README.md").read_text()
+    table = {line.split("|")[1].strip().strip("`") for line in readme.splitlines() if line.startswith("| `")}
+
+    def leaves(vals, sch, path=""):
+        for key, value in vals.items():
+            sub = sch["properties"][key]
+            where = f"{path}.{key}" if path else key
+            if isinstance(value, dict) and value and "properties" in sub:
+                yield from leaves(value, sub, where)
+            else:
+                yield where
+
+    missing = [key for key in leaves(load_values(CHART / "values.yaml"), schema) if key not in table]
+    assert missing == [], "add these to the values table in helm/echo-service/README.md"
