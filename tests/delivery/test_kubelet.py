@@ -222,7 +222,7 @@ def test_probes_and_graceful_termination(pod_factory, values, stubborn):
     pod.proc.signal(signal.SIGTERM)
     t_term = time.monotonic()
 
-    wait_until(lambda: not pod.probe("readinessProbe")[0], 1.0, what="readiness to fail after SIGTERM")
+    wait_until(lambda: not pod.probe("readinessProbe")[0], 2.0, what="readiness to fail after SIGTERM")
     status, body = http_get(pod.local_port("admin"), "/readyz")
     assert status == 503 and json.loads(body) == {"ready": False, "reason": "draining"}
     ok, detail = pod.probe("livenessProbe")
