@@ -323,7 +323,8 @@ def test_variable_queries_find_the_service(scraped_prometheus):
     prom_port, _ = scraped_prometheus
     expected = {"job": JOB, "namespace": NAMESPACE, "pod": POD}
     for var in DASHBOARD["templating"]["list"][1:]:
-        m = re.fullmatch(r"label_values\((.+), *(\w+)\)", var["query"]["query"])
+        assert var["definition"] == var["query"]
+        m = re.fullmatch(r"label_values\((.+), *(\w+)\)", var["query"])
         assert m, var["query"]
         selector, label = substitute(m.group(1), ALL), m.group(2)
         res = prom_api(prom_port, f"/api/v1/label/{label}/values", {"match[]": selector})
