@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
 use crate::cli::ChurnArgs;
@@ -59,9 +58,7 @@ pub async fn run(
                 offset += size as u64 + 1;
                 let cycle = async {
                     let mut s = conn.connect().await?;
-                    s.write_all(msg).await?;
-                    s.read_exact(&mut buf).await?;
-                    std::io::Result::Ok(())
+                    run::echo(&mut s, msg, &mut buf).await
                 };
                 match tokio::time::timeout(io_timeout, cycle).await {
                     Ok(Ok(())) if buf == msg => {

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
@@ -180,18 +179,14 @@ async fn echo_verified(
     timeout: Duration,
 ) -> bool {
     let mut buf = vec![0u8; msg.len()];
-    let io = async {
-        s.write_all(msg).await?;
-        s.read_exact(&mut buf).await
-    };
-    match tokio::time::timeout(timeout, io).await {
-        Ok(Ok(_)) if buf == msg => {
+    match tokio::time::timeout(timeout, run::echo(s, msg, &mut buf)).await {
+        Ok(Ok(())) if buf == msg => {
             counters
                 .bytes_verified
                 .fetch_add(msg.len() as u64, Ordering::Relaxed);
             true
         }
-        Ok(Ok(_)) => {
+        Ok(Ok(())) => {
             counters.mismatches.fetch_add(1, Ordering::Relaxed);
             false
         }

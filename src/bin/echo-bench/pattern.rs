@@ -26,8 +26,10 @@ impl Pattern {
             let v = x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
             chunk.copy_from_slice(&v[..chunk.len()]);
         }
-        let (head, tail) = data.split_at_mut(PERIOD);
-        tail.copy_from_slice(&head[..max_len]);
+        // The tail repeats the stream (several periods over when max_len > PERIOD).
+        for i in PERIOD..data.len() {
+            data[i] = data[i - PERIOD];
+        }
         Pattern { data, max_len }
     }
 
@@ -54,5 +56,13 @@ mod tests {
         let end = p.window(PERIOD as u64 - 4, 8).to_vec();
         assert_eq!(&end[4..], p.window(0, 4));
         assert_ne!(p.window(0, 16), p.window(Pattern::start_for(1), 16));
+    }
+
+    #[test]
+    fn windows_longer_than_the_period_repeat_it() {
+        let p = Pattern::new(PERIOD * 2 + 5);
+        let w = p.window(3, PERIOD * 2 + 5);
+        assert_eq!(w[..PERIOD], w[PERIOD..PERIOD * 2]);
+        assert_eq!(w[..5], w[PERIOD * 2..]);
     }
 }

@@ -10,7 +10,6 @@ use std::sync::Arc;
 
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -118,8 +117,7 @@ async fn echo_loop(
             return Ok(());
         }
         let msg = pattern.window(offset, size);
-        stream.write_all(msg).await?;
-        stream.read_exact(&mut buf).await?;
+        run::echo(&mut stream, msg, &mut buf).await?;
         let ended = Instant::now();
         if buf != msg {
             counters.mismatches.fetch_add(1, Ordering::Relaxed);

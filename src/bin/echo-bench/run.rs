@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::procstat::Server;
@@ -62,6 +64,23 @@ impl Counters {
     pub fn get(c: &AtomicU64) -> u64 {
         c.load(Ordering::Relaxed)
     }
+}
+
+/// Messages up to this size are written, then read back. Larger ones are written and read at
+/// the same time: the echo of a big message fills the socket buffers before we finish writing
+/// it, and a client that only reads afterwards deadlocks with the server.
+const SEQUENTIAL_MAX: usize = 16 * 1024;
+
+/// Sends `msg` and reads its echo into `buf` (same length).
+pub async fn echo(stream: &mut TcpStream, msg: &[u8], buf: &mut [u8]) -> std::io::Result<()> {
+    if msg.len() <= SEQUENTIAL_MAX {
+        stream.write_all(msg).await?;
+        stream.read_exact(buf).await?;
+    } else {
+        let (mut rd, mut wr) = stream.split();
+        tokio::try_join!(wr.write_all(msg), rd.read_exact(buf))?;
+    }
+    Ok(())
 }
 
 /// Prints one line a second on stderr until `end`: elapsed time, operations and their rate.
