@@ -55,7 +55,10 @@ fn run_mode(mode: &str, extra: &[&str]) -> Value {
     assert_eq!(report["errors"], 0, "{report}");
     assert_eq!(report["mismatches"], 0, "{report}");
     assert!(report["bytes_verified"].as_u64().unwrap() > 0, "{report}");
-    assert!(report["server"]["rss_kib"].as_u64().unwrap() > 0, "{report}");
+    assert!(
+        report["server"]["rss_kib"].as_u64().unwrap() > 0,
+        "{report}"
+    );
     report
 }
 
@@ -68,7 +71,10 @@ fn ping_pong_verifies_every_message_and_reports_latency_and_server_cpu() {
     let messages = r["messages"].as_u64().unwrap();
     assert!(messages > 100, "{r}");
     // Every counted message was verified (warm-up messages are verified too, so >=).
-    assert!(r["bytes_verified"].as_u64().unwrap() >= messages * 1000, "{r}");
+    assert!(
+        r["bytes_verified"].as_u64().unwrap() >= messages * 1000,
+        "{r}"
+    );
     let lat = &r["latency_us"];
     assert_eq!(lat["samples"].as_u64().unwrap(), messages, "{r}");
     assert!(lat["p50"].as_f64().unwrap() > 0.0, "{r}");
@@ -102,7 +108,10 @@ fn idle_holds_every_connection_and_reports_rss_per_connection() {
 #[test]
 fn bad_input_is_refused_with_a_message_not_a_panic() {
     for (args, needle) in [
-        (&["ping-pong", "--target", "192.0.2.1:7"][..], "not loopback"),
+        (
+            &["ping-pong", "--target", "192.0.2.1:7"][..],
+            "not loopback",
+        ),
         (&["ping-pong", "--size", "0"][..], "at least 1 byte"),
         (&["bulk", "--duration", "5 parsecs"][..], "unit"),
         (&["idle", "--connections", "0"][..], "--connections"),
@@ -143,7 +152,16 @@ fn a_server_that_corrupts_one_byte_is_caught() {
         }
     });
     let out = bench(&[
-        "ping-pong", "--target", &target, "-s", "64", "-d", "300ms", "-w", "0s", "--json",
+        "ping-pong",
+        "--target",
+        &target,
+        "-s",
+        "64",
+        "-d",
+        "300ms",
+        "-w",
+        "0s",
+        "--json",
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let r: Value = serde_json::from_str(stdout.trim()).expect("JSON report even on failure");
