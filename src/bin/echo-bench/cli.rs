@@ -169,6 +169,11 @@ pub struct IdleArgs {
     /// Connections being opened at the same time.
     #[arg(long, default_value_t = 128)]
     pub connect_concurrency: usize,
+    /// Connections opened, echoed on and closed before "RSS before" is read, so one-time
+    /// set-up on the server's first connections (lazy exporters, pools, allocator arenas) is
+    /// not charged to the idle connections.
+    #[arg(long, default_value_t = 100)]
+    pub prewarm: usize,
     #[command(flatten)]
     pub common: Common,
 }

@@ -1,7 +1,8 @@
 //! `idle`: open N connections, prove each is served (one verified echo), hold them all for
 //! `--duration`, prove they are still served, close them. Reports how many were held and, with
 //! `--server-pid`, what they cost the server: RSS per connection =
-//! (RSS with N held - RSS before) / N.
+//! (RSS with N held - RSS before) / N, where "before" is read after `--prewarm` connections
+//! have come and gone, so it is the marginal cost of a connection, not the server's start-up.
 //!
 //! While holding, a fresh connection echoes once a second (the "probe"), to show a server full
 //! of idle connections still answers promptly.
@@ -21,6 +22,8 @@ use crate::pattern::Pattern;
 use crate::procstat::Server;
 use crate::run::{self, Counters};
 
+/// Pause between closing the pre-warm connections and reading "RSS before".
+const PREWARM_SETTLE: Duration = Duration::from_millis(200);
 /// How long after closing everything the server's RSS is read again.
 const AFTER_CLOSE_WAIT: Duration = Duration::from_secs(1);
 
@@ -33,6 +36,7 @@ pub async fn run(
     let pattern = Arc::new(Pattern::new(args.size.max(1)));
     let counters = Arc::new(Counters::default());
     let rss = |s: Option<Server>| s.and_then(|s| s.rss_kib().ok());
+    prewarm(args, &connector, &pattern).await;
     let rss_before = rss(server);
 
     // Open: a few workers pull connection numbers from a shared counter.
@@ -150,6 +154,22 @@ pub async fn run(
         "mismatches": Counters::get(&counters.mismatches),
         "server": server_obj.unwrap_or(Value::Null),
     }))
+}
+
+/// Opens, echoes on and closes `--prewarm` connections, then lets the server settle.
+async fn prewarm(args: &IdleArgs, connector: &Arc<Connector>, pattern: &Arc<Pattern>) {
+    if args.prewarm == 0 {
+        return;
+    }
+    let scratch = Counters::default();
+    let mut warm = Vec::with_capacity(args.prewarm);
+    for id in 0..args.prewarm {
+        if let Some(s) = open_one(connector, id, args.size.max(1), pattern, &scratch).await {
+            warm.push(s);
+        }
+    }
+    drop(warm);
+    tokio::time::sleep(PREWARM_SETTLE).await;
 }
 
 /// Connects and, if `size > 0`, echoes one verified message, within the I/O timeout.
