@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -69,8 +70,6 @@ def echo_service_binary() -> Path:
 
 def venv_tool(name: str) -> str:
     """A console script installed next to this Python (the .venv)."""
-    import sys
-
     candidate = Path(sys.executable).parent / name
     if candidate.exists():
         return str(candidate)
@@ -249,9 +248,9 @@ def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "c
 
 @contextlib.contextmanager
 def echo_service(args: list[str], env: dict[str, str] | None = None, *, tmp: Path) -> Iterator[Process]:
-    """Run the real binary with args/env; wait until /healthz answers 200.
+    """Run the real binary with args and env (plus PATH only); stopped on exit.
 
-    The admin port must be given in args or env (ECHO_ADMIN_LISTEN) so we can poll it.
+    Callers wait for readiness themselves (wait_healthy or a probe loop).
     """
     binary = echo_service_binary()
     full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}

@@ -392,3 +392,15 @@ def test_readme_values_table_lists_every_value():
 
     missing = [key for key in leaves(load_values(CHART / "values.yaml"), schema) if key not in table]
     assert missing == [], "add these to the values table in helm/echo-service/README.md"
+
+
+def test_admin_port_off_the_service_needs_podmonitor_and_no_helm_test():
+    """Keeping the admin port off the Service is allowed, but not with what needs it."""
+    with pytest.raises(helm_python.HelmRenderError, match="tests.enabled needs service.admin.enabled"):
+        render({"service": {"admin": {"enabled": False}}})
+    with pytest.raises(helm_python.HelmRenderError, match="serviceMonitor.enabled needs service.admin.enabled"):
+        render({"service": {"admin": {"enabled": False}}, "tests": {"enabled": False}, "serviceMonitor": {"enabled": True}})
+    docs = manifests(render({"service": {"admin": {"enabled": False}}, "tests": {"enabled": False}, "podMonitor": {"enabled": True}}))
+    assert [p["name"] for p in one(docs, "Service")["spec"]["ports"]] == ["tcp-echo"]
+    assert one(docs, "PodMonitor")["spec"]["podMetricsEndpoints"][0]["port"] == "admin"
+    assert not [d for d in docs if d["kind"] == "Pod"]
