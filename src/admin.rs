@@ -23,6 +23,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
+use crate::accept::AcceptBackoff;
 use crate::state::ServiceState;
 use crate::telemetry::{Metrics, TEXT_CONTENT_TYPE};
 
@@ -48,9 +49,10 @@ impl Admin {
     }
 }
 
-/// Serve admin requests on `listener` until the process exits. Accept errors are counted in
-/// nothing and retried after a short pause (the admin port must outlive them).
+/// Serve admin requests on `listener` until the process exits. Accept errors back off and are
+/// logged at most once a second, like the echo port's (the admin port must outlive them).
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, settings: AdminSettings) {
+    let mut backoff = AcceptBackoff::default();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(settings.header_read_timeout)
@@ -58,10 +60,12 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, settings: AdminSett
         .keep_alive(true);
     loop {
         let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+            Ok((stream, _)) => {
+                backoff.succeeded();
+                stream
+            }
             Err(err) => {
-                tracing::warn!(error = %err, "admin accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                backoff.failed(&err, "admin").await;
                 continue;
             }
         };

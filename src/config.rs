@@ -54,6 +54,12 @@ pub struct Config {
     #[arg(long, env = "ECHO_WRITE_BUFFER_LIMIT", default_value = "64KiB", value_parser = parse_size, value_name = "BYTES")]
     pub write_buffer_limit: usize,
 
+    /// Most unsent bytes the kernel may queue per connection (TCP_NOTSENT_LOWAT; writes resume
+    /// when half of it has drained). Past it, bytes wait in the write buffer above, so a peer
+    /// that does not read is held by backpressure and seen by --write-stall-timeout.
+    #[arg(long, env = "ECHO_SEND_QUEUE_LIMIT", default_value = "64KiB", value_parser = parse_size, value_name = "BYTES")]
+    pub send_queue_limit: usize,
+
     /// Kernel accept backlog of the echo port.
     #[arg(long, env = "ECHO_LISTEN_BACKLOG", default_value = "1024", value_parser = clap::value_parser!(u32).range(1..), allow_negative_numbers = true, value_name = "N")]
     pub listen_backlog: u32,
@@ -134,6 +140,7 @@ impl Config {
         ConnectionSettings {
             read_buffer_size: self.read_buffer_size,
             write_buffer_limit: self.write_buffer_limit,
+            send_queue_limit: u32::try_from(self.send_queue_limit).unwrap_or(u32::MAX),
             idle_timeout: self.idle_timeout,
             write_stall_timeout: self.write_stall_timeout,
             max_age: self.max_connection_age,

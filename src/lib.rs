@@ -15,7 +15,9 @@
 //!   `/healthz` and `/readyz` read.
 //! - [`connection`]: the per-connection driver (reads, writes, backpressure, half-close,
 //!   policy timers) and [`ConnectionSettings`].
-//! - [`server`]: accept loop with back-off, connection tasks, graceful drain; `bind`.
+//! - [`server`]: accept loop, connection tasks, graceful drain; `bind`. (`accept.rs`: the
+//!   accept back-off schedule and rate-limited error log shared with the admin port;
+//!   `abort.rs`: the end-of-shutdown wake-up of every connection.)
 //! - [`policies`]: wrapping factories that refuse connections (total and per-peer limits).
 //! - [`telemetry`]: Prometheus metrics, logs, OTLP spans, the instrumented factory.
 //! - [`admin`]: the admin HTTP server.
@@ -29,6 +31,8 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod abort;
+mod accept;
 pub mod admin;
 pub mod config;
 pub mod connection;

@@ -14,8 +14,9 @@ use std::io;
 use crate::transport::Transport;
 
 /// Per-connection event handler, built by a [`Factory`](crate::Factory) for each accepted
-/// connection and dropped when that connection is gone.
-pub trait Protocol: Send + 'static {
+/// connection and dropped when that connection is gone. `Unpin` lets the connection task hold
+/// it inline (protocols are plain objects; box anything self-referential).
+pub trait Protocol: Send + Unpin + 'static {
     /// The connection is up; `transport` is how the protocol reaches it from now on.
     fn connection_made(&mut self, transport: &mut dyn Transport) {
         let _ = transport;

@@ -146,6 +146,12 @@ impl Plan {
             return Err("--duration must be longer than 0".into());
         }
         if let Mode::Idle(a) = mode {
+            if a.prewarm > 10_000 {
+                return Err(format!(
+                    "--prewarm must be at most 10000 (got {})",
+                    a.prewarm
+                ));
+            }
             if a.connect_concurrency == 0 || a.connect_concurrency > 10_000 {
                 return Err(format!(
                     "--connect-concurrency must be between 1 and 10000 (got {})",

@@ -8,15 +8,27 @@
 //! duration, loss reason) are recorded at the end. Integers are recorded as `i64`: the OTLP
 //! bridge exports `u64`/`u16` fields as strings.
 //!
-//! The span is at DEBUG level with target [`CONNECTION_TARGET`]: when neither OTLP export nor
-//! debug logging wants it, it is never created and costs nothing (no registry entry per idle
-//! connection).
+//! Memory per open connection matters (idle connections are the product for mesh and load
+//! balancer tests), so the live span is kept lean:
+//!
+//! - It is at DEBUG level with target [`CONNECTION_TARGET`]: when neither OTLP export nor debug
+//!   logging wants it, it is never created and costs nothing.
+//! - Every attribute, including the peer and local addresses known at accept, is set at close
+//!   (through `OpenTelemetrySpanExt`); while the connection lives the OTLP layer holds a bare
+//!   span builder, not a vector of attributes (it reserves room for every declared field, so
+//!   only `otel.kind` is declared). The protocol keeps the few addresses it needs to do that.
+//! - The "connection made" span event is added at close with the accept timestamp, for the same
+//!   reason; the debug log line for it is written at accept (target
+//!   [`LIFECYCLE_LOG_TARGET`], which the OTLP layer does not export).
 
+use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
-use tracing::field::Empty;
+use opentelemetry::trace::Status;
+use opentelemetry::Value;
 use tracing::Span;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::metrics::TrafficMetrics;
 use crate::factory::{ConnectionInfo, Factory, Refusal};
@@ -26,6 +38,9 @@ use crate::transport::Transport;
 /// The tracing target of connection spans and their events (the OTLP layer exports exactly
 /// this target).
 pub const CONNECTION_TARGET: &str = "echo_service::connection";
+
+/// The tracing target of the per-connection debug log lines that are not span events.
+pub const LIFECYCLE_LOG_TARGET: &str = "echo_service::lifecycle";
 
 /// Wraps a factory; every protocol it builds is an [`InstrumentedProtocol`].
 pub struct InstrumentedFactory<F> {
@@ -45,24 +60,9 @@ impl<F: Factory> Factory for InstrumentedFactory<F> {
 
     fn build_protocol(&self, conn: &ConnectionInfo) -> Result<Self::Protocol, Refusal> {
         let inner = self.inner.build_protocol(conn)?;
-        let span = tracing::debug_span!(
-            target: CONNECTION_TARGET,
-            "connection",
-            otel.name = "echo.connection",
-            otel.kind = "server",
-            otel.status_code = Empty,
-            network.transport = "tcp",
-            network.type = if conn.peer.is_ipv4() { "ipv4" } else { "ipv6" },
-            network.peer.address = %conn.peer.ip(),
-            network.peer.port = i64::from(conn.peer.port()),
-            server.address = %conn.local.ip(),
-            server.port = i64::from(conn.local.port()),
-            connection.id = conn.id as i64,
-            echo.received_bytes = Empty,
-            echo.sent_bytes = Empty,
-            echo.duration_seconds = Empty,
-            echo.loss_reason = Empty,
-        );
+        // Only `otel.kind` is declared: the OTLP layer reserves attribute room for every
+        // declared field, so everything else is set on the span at close.
+        let span = tracing::debug_span!(target: CONNECTION_TARGET, "echo.connection", otel.kind = "server");
         Ok(InstrumentedProtocol {
             inner,
             span,
@@ -70,6 +70,11 @@ impl<F: Factory> Factory for InstrumentedFactory<F> {
             opened_at: Instant::now(),
             received: 0,
             sent: 0,
+            id: conn.id,
+            peer_ip: conn.peer.ip(),
+            peer_port: conn.peer.port(),
+            local_ip: conn.local.ip(),
+            local_port: conn.local.port(),
         })
     }
 
@@ -91,6 +96,11 @@ pub struct InstrumentedProtocol<P> {
     opened_at: Instant,
     received: u64,
     sent: u64,
+    id: u64,
+    peer_ip: IpAddr,
+    peer_port: u16,
+    local_ip: IpAddr,
+    local_port: u16,
 }
 
 impl<P> InstrumentedProtocol<P> {
@@ -133,7 +143,14 @@ impl Transport for CountingTransport<'_> {
 
 impl<P: Protocol> Protocol for InstrumentedProtocol<P> {
     fn connection_made(&mut self, transport: &mut dyn Transport) {
-        tracing::debug!(target: CONNECTION_TARGET, parent: &self.span, "connection made");
+        tracing::debug!(
+            target: LIFECYCLE_LOG_TARGET,
+            parent: &self.span,
+            connection_id = self.id,
+            peer_address = %self.peer_ip,
+            peer_port = self.peer_port,
+            "connection made"
+        );
         let _entered = self.span.enter();
         self.inner.connection_made(&mut CountingTransport {
             inner: transport,
@@ -156,20 +173,49 @@ impl<P: Protocol> Protocol for InstrumentedProtocol<P> {
     }
 
     fn connection_lost(&mut self, reason: LossReason) {
-        let duration = self.opened_at.elapsed().as_secs_f64();
+        let elapsed = self.opened_at.elapsed();
+        let duration = elapsed.as_secs_f64();
         self.metrics.duration.observe(duration);
         let span = &self.span;
-        span.record("echo.received_bytes", self.received as i64);
-        span.record("echo.sent_bytes", self.sent as i64);
-        span.record("echo.duration_seconds", duration);
-        span.record("echo.loss_reason", reason.label());
-        if !reason.is_clean() {
-            span.record("otel.status_code", "ERROR");
+        if !span.is_disabled() {
+            let ip_type = if self.peer_ip.is_ipv4() {
+                "ipv4"
+            } else {
+                "ipv6"
+            };
+            let made_at = SystemTime::now()
+                .checked_sub(elapsed)
+                .unwrap_or(SystemTime::UNIX_EPOCH);
+            span.add_event_with_timestamp("connection made", made_at, Vec::new());
+            for (key, value) in [
+                ("network.transport", Value::from("tcp")),
+                ("network.type", Value::from(ip_type)),
+                (
+                    "network.peer.address",
+                    Value::from(self.peer_ip.to_string()),
+                ),
+                ("network.peer.port", Value::from(i64::from(self.peer_port))),
+                ("server.address", Value::from(self.local_ip.to_string())),
+                ("server.port", Value::from(i64::from(self.local_port))),
+                ("connection.id", Value::from(self.id as i64)),
+                ("echo.received_bytes", Value::from(self.received as i64)),
+                ("echo.sent_bytes", Value::from(self.sent as i64)),
+                ("echo.duration_seconds", Value::from(duration)),
+                ("echo.loss_reason", Value::from(reason.label())),
+            ] {
+                span.set_attribute(key, value);
+            }
+            if !reason.is_clean() {
+                span.set_status(Status::error(reason.label()));
+            }
         }
         tracing::debug!(
             target: CONNECTION_TARGET,
             parent: span,
             reason = reason.label(),
+            connection_id = self.id,
+            peer_address = %self.peer_ip,
+            peer_port = self.peer_port,
             received_bytes = self.received as i64,
             sent_bytes = self.sent as i64,
             "connection lost"

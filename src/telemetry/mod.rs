@@ -8,6 +8,8 @@ mod instrumented;
 mod metrics;
 mod tracing_setup;
 
-pub use instrumented::{InstrumentedFactory, InstrumentedProtocol, CONNECTION_TARGET};
+pub use instrumented::{
+    InstrumentedFactory, InstrumentedProtocol, CONNECTION_TARGET, LIFECYCLE_LOG_TARGET,
+};
 pub use metrics::{Metrics, TrafficMetrics, TEXT_CONTENT_TYPE};
 pub use tracing_setup::{init_tracing, LogFormat, OtlpSettings, TracingGuard, TracingSetupError};

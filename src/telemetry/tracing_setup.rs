@@ -124,6 +124,9 @@ pub fn init_tracing(
             .with_tracked_inactivity(false)
             .with_level(false)
             .with_target(false)
+            // Entering a span would start the SDK span (attributes, events, context): keep
+            // the live span a lean builder until it closes.
+            .with_context_activation(false)
             .with_filter(Targets::new().with_target(CONNECTION_TARGET, Level::DEBUG))
     });
     tracing_subscriber::registry()

@@ -1,0 +1,73 @@
+//! `--throttle-bytes-per-second`: a per-connection read throttle (Twisted's
+//! `ThrottlingFactory`). A token bucket with one second of burst: reads spend tokens, and while
+//! the bucket is in debt the connection stops reading until it has refilled; the peer's writes
+//! then back up in its kernel buffers, so the throttle needs no buffer of its own.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// A token bucket of bytes.
+#[derive(Debug)]
+pub(crate) struct Throttle {
+    rate: f64,
+    tokens: f64,
+    refilled_at: Instant,
+}
+
+impl Throttle {
+    /// A full bucket of `rate` bytes, refilling at `rate` bytes per second.
+    pub fn new(rate: u64, now: Instant) -> Self {
+        Throttle {
+            rate: rate as f64,
+            tokens: rate as f64,
+            refilled_at: now,
+        }
+    }
+
+    /// Add the tokens earned since the last refill.
+    pub fn refill(&mut self, now: Instant) {
+        let elapsed = now
+            .saturating_duration_since(self.refilled_at)
+            .as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate);
+        self.refilled_at = now;
+    }
+
+    /// Spend `n` bytes read at `now`.
+    pub fn consume(&mut self, now: Instant, n: usize) {
+        self.refill(now);
+        self.tokens -= n as f64;
+    }
+
+    /// Must reading pause?
+    pub fn in_debt(&self) -> bool {
+        self.tokens < 0.0
+    }
+
+    /// When reading may resume, if the bucket is in debt.
+    pub fn resume_at(&self) -> Option<Instant> {
+        self.in_debt()
+            .then(|| self.refilled_at + Duration::from_secs_f64(-self.tokens / self.rate))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pauses_when_in_debt_and_resumes_after_refill() {
+        let now = Instant::now();
+        let mut throttle = Throttle::new(1000, now);
+        assert!(throttle.resume_at().is_none());
+        throttle.consume(now, 1500);
+        assert!(throttle.in_debt());
+        assert_eq!(
+            throttle.resume_at().unwrap() - now,
+            Duration::from_millis(500)
+        );
+        throttle.refill(now + Duration::from_secs(1));
+        assert!(!throttle.in_debt());
+    }
+}
