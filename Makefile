@@ -44,3 +44,4 @@ clean: ## Remove build output and the Python venv
 
 -include delivery.mk
 -include bench.mk
+-include soak.mk
