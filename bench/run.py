@@ -41,6 +41,11 @@ SERVER_CPU, CLIENT_CPU = "0", "1"
 FD_HEADROOM = 1000
 START_TIMEOUT_S = 15
 STOP_TIMEOUT_S = 5
+# Before each measurement, wait (up to --quiet-wait s) until other processes use less than this
+# many cores; the machine is shared (builds, other test suites) and only has 2.
+QUIET_CORES = 0.25
+# A measurement during which other processes used more than this many cores is flagged.
+NOISY_CORES = 0.15
 
 # Servers, in table column order. "idle_only" ones run in the idle scenarios alone.
 SERVERS = [
@@ -107,6 +112,40 @@ def scenarios(args, idle_cap):
     }
 
 
+def cpu_busy_s():
+    """Seconds of non-idle CPU time, summed over all CPUs, since boot (/proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu_s(pid):
+    """utime + stime of one process, in seconds (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def children_cpu_s():
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def wait_for_quiet(limit_s):
+    """Waits until other processes use < QUIET_CORES; returns the last load seen (cores)."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        b0, t0 = cpu_busy_s(), time.monotonic()
+        time.sleep(0.5)
+        load = (cpu_busy_s() - b0) / (time.monotonic() - t0)
+        if load < QUIET_CORES or time.monotonic() >= deadline:
+            return load
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -146,6 +185,9 @@ class Suite:
         self.sink_port = free_port()
         self.log = open(os.path.join(args.out, f"{args.stamp}.servers.log"), "w")
         self.sink = None
+        self.sink_cpu = 0.0
+        # Total seconds the suite may spend waiting for a quiet machine (keeps it bounded).
+        self.wait_budget = args.quiet_budget
 
     def start_sink(self):
         self.sink = subprocess.Popen(
@@ -153,6 +195,7 @@ class Suite:
              f"127.0.0.1:{self.sink_port}"],
             stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL)
         wait_listening(self.sink_port, self.sink)
+        self.sink_cpu_delta()
 
     def sink_stats(self):
         try:
@@ -195,21 +238,37 @@ class Suite:
         try:
             wait_listening(port, server)
             time.sleep(0.2)  # let the interpreter / runtime finish starting before RSS "before"
+            waited = time.monotonic()
+            load_before = wait_for_quiet(min(self.args.quiet_wait, self.wait_budget))
+            self.wait_budget = max(0.0, self.wait_budget - (time.monotonic() - waited))
             cmd = ["taskset", "-c", CLIENT_CPU, os.path.join(self.bin, "echo-bench")]
             cmd += scenario["args"] + ["--target", f"127.0.0.1:{port}",
                                        "--server-pid", str(server.pid), "--json", "--quiet"]
             bound = self.args.duration + self.args.warmup + self.args.idle_hold + 120
+            busy0, srv0, cli0, t0 = (cpu_busy_s(), proc_cpu_s(server.pid), children_cpu_s(),
+                                     time.monotonic())
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=bound)
+            # CPU used by anything but this server, this client and the OTLP sink: noise.
+            other = (cpu_busy_s() - busy0) - (proc_cpu_s(server.pid) - srv0) \
+                - (children_cpu_s() - cli0) - self.sink_cpu_delta()
             if out.returncode not in (0, 3) or not out.stdout.strip():
                 return {"error": f"echo-bench exited {out.returncode}: {out.stderr.strip()[-400:]}"}
             report = json.loads(out.stdout)
             report["exit_code"] = out.returncode
+            report["noise"] = {"load_before_cores": round(load_before, 3),
+                               "other_cores": round(max(other, 0) / (time.monotonic() - t0), 3)}
             derive(report)
             return report
         except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as e:
             return {"error": str(e)}
         finally:
             stop(server)
+
+    def sink_cpu_delta(self):
+        """CPU seconds the OTLP sink used since the last call."""
+        now = proc_cpu_s(self.sink.pid) if self.sink else 0.0
+        delta, self.sink_cpu = now - self.sink_cpu, now
+        return delta
 
     def close(self):
         if self.sink:
@@ -344,9 +403,16 @@ def markdown(args, meta, results, scen, sink):
             if not vals:
                 continue
             shown = ", ".join(fmt(v) for v in vals)
+            noise = [get(r, "noise.other_cores") or 0 for r in results
+                     if r["scenario"] == sname and r["server_name"] == s["name"]]
+            if any(n > NOISY_CORES for n in noise):
+                shown += " (noisy: " + ", ".join(f"{n:.2f}" for n in noise) + " cores of other load)"
             good = [v for v in vals if v]
             spread = f"{max(good) / min(good):.2f}" if good else "-"
             lines.append(f"| {sname} | {label} | {s['name']} | {shown} | {spread} |")
+    noisy = [r for r in results if (get(r, "noise.other_cores") or 0) > NOISY_CORES]
+    lines += ["", f"Other processes used more than {NOISY_CORES} cores during {len(noisy)} of "
+              f"{len(results)} measurements (the machine is shared; see `noise` in the JSON lines)."]
     errors = [r for r in results if "error" in r or get(r, "errors") or get(r, "mismatches")]
     lines += ["", "## Errors", ""]
     if not errors:
@@ -370,6 +436,10 @@ def main():
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--idle-settle", type=float, default=2.0)
     p.add_argument("--idle-hold", type=float, default=2.0)
+    p.add_argument("--quiet-wait", type=float, default=10.0,
+                   help="most seconds to wait before each run for other load to drop")
+    p.add_argument("--quiet-budget", type=float, default=180.0,
+                   help="most seconds the whole suite spends waiting for other load to drop")
     p.add_argument("--scenarios", default="all", help="comma-separated subset")
     p.add_argument("--servers", default="all", help="comma-separated subset")
     args = p.parse_args()
