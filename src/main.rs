@@ -113,7 +113,11 @@ async fn run(config: Config) -> Result<(), String> {
             std::process::exit(1);
         });
     };
-    server.run(listener, shutdown).await;
+    // Run the accept loop on a worker thread, not on this block_on thread: connection tasks it
+    // spawns then start on the same worker without a cross-thread wake-up per accept.
+    tokio::spawn(server.run(listener, shutdown))
+        .await
+        .map_err(|err| format!("server task failed: {err}"))?;
     tracing.shutdown().await;
     Ok(())
 }
