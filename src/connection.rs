@@ -193,6 +193,12 @@ enum Step {
 
 const NOT_REGISTERED: usize = usize::MAX;
 
+/// The lingering close: why we closed, and when we stop waiting for the peer's FIN.
+struct Linger {
+    reason: LossReason,
+    deadline: Pin<Box<Sleep>>,
+}
+
 /// One connection: a future that runs `protocol` on `stream` until the connection is lost.
 pub(crate) struct ConnectionTask<P> {
     stream: TcpStream,
@@ -200,9 +206,8 @@ pub(crate) struct ConnectionTask<P> {
     shared: Arc<ConnectionShared>,
     outbox: Outbox,
     clock: Option<Box<PolicyClock>>,
-    /// After our FIN: why we closed, and until when we drain the peer.
-    linger: Option<(LossReason, Pin<Box<Sleep>>)>,
-    id: u64,
+    /// After our FIN: why we closed, and until when we drain the peer (boxed: rare).
+    linger: Option<Box<Linger>>,
     abort_key: usize,
     made: bool,
     read_open: bool,
@@ -225,7 +230,6 @@ impl<P: Protocol> ConnectionTask<P> {
             },
             clock,
             linger: None,
-            id,
             abort_key: NOT_REGISTERED,
             made: false,
             read_open: true,
@@ -243,7 +247,6 @@ impl<P: Protocol> ConnectionTask<P> {
             // Resets are everyday events (counted, debug-logged by the instrumentation);
             // other socket errors are worth a line.
             tracing::warn!(
-                connection.id = self.id,
                 peer = ?self.stream.peer_addr().ok(),
                 error = %kind,
                 "connection failed"
@@ -256,10 +259,10 @@ impl<P: Protocol> ConnectionTask<P> {
 
     /// Discard what the peer still sends after our FIN, until its FIN or the linger timeout.
     fn poll_linger(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let Some((reason, deadline)) = self.linger.as_mut() else {
+        let Some(linger) = self.linger.as_mut() else {
             return Poll::Pending;
         };
-        let reason = *reason;
+        let reason = linger.reason;
         let done = loop {
             let read = READ_BUFFER.with(|cell| {
                 let mut buffer = cell.borrow_mut();
@@ -274,7 +277,7 @@ impl<P: Protocol> ConnectionTask<P> {
             match read {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => break true,
                 Poll::Ready(Ok(_)) => continue,
-                Poll::Pending => break deadline.as_mut().poll(cx).is_ready(),
+                Poll::Pending => break linger.deadline.as_mut().poll(cx).is_ready(),
             }
         };
         if done {
@@ -322,7 +325,10 @@ impl<P: Protocol> Future for ConnectionTask<P> {
             ) {
                 Poll::Ready(Step::Lost(reason)) => return this.finish(reason),
                 Poll::Ready(Step::Linger(reason)) => {
-                    this.linger = Some((reason, Box::pin(tokio::time::sleep(LINGER_TIMEOUT))));
+                    this.linger = Some(Box::new(Linger {
+                        reason,
+                        deadline: Box::pin(tokio::time::sleep(LINGER_TIMEOUT)),
+                    }));
                     continue;
                 }
                 Poll::Pending => {}
@@ -487,12 +493,15 @@ mod tests {
     use crate::echo::Echo;
     use crate::telemetry::InstrumentedProtocol;
 
-    /// The task of every idle connection is allocated whole: keep it small. The echo service's
-    /// full protocol stack (instrumentation + per-peer limit + echo) is what runs in production.
+    /// The task of every idle connection is allocated whole: keep it small. tokio allocates a
+    /// task cell of the future plus ~104 bytes of header and trailer, in 128-byte steps; up to
+    /// 280 bytes of future the cell is 384 bytes, above it 512. The stack tested is the echo
+    /// service's (instrumentation + per-peer limit + echo).
     #[test]
     fn connection_task_stays_small() {
         type Stack = InstrumentedProtocol<crate::policies::PeerLimited<Echo>>;
         let size = std::mem::size_of::<ConnectionTask<Stack>>();
-        assert!(size <= 320, "ConnectionTask grew to {size} bytes");
+        eprintln!("ConnectionTask: {size} bytes");
+        assert!(size <= 280, "ConnectionTask grew to {size} bytes");
     }
 }

@@ -37,7 +37,7 @@ impl<F: Factory> Factory for PeerConnectionLimit<F> {
         let Some(max) = self.max else {
             return Ok(PeerLimited {
                 inner: self.inner.build_protocol(conn)?,
-                _slot: None,
+                slot: None,
             });
         };
         let ip = conn.peer.ip();
@@ -50,7 +50,7 @@ impl<F: Factory> Factory for PeerConnectionLimit<F> {
         let inner = self.inner.build_protocol(conn)?;
         Ok(PeerLimited {
             inner,
-            _slot: Some(PeerSlot::take(self.counts.clone(), ip)),
+            slot: Some(Box::new(PeerSlot::take(self.counts.clone(), ip))),
         })
     }
 
@@ -93,10 +93,12 @@ impl Drop for PeerSlot {
     }
 }
 
-/// The wrapped protocol: forwards every event, holds the peer's slot while it lives.
+/// The wrapped protocol: forwards every event, holds the peer's slot while it lives (boxed:
+/// one pointer in every connection's task when the policy is off).
 pub struct PeerLimited<P> {
     inner: P,
-    _slot: Option<PeerSlot>,
+    #[allow(dead_code)] // held for its Drop
+    slot: Option<Box<PeerSlot>>,
 }
 
 impl<P: Protocol> Protocol for PeerLimited<P> {
