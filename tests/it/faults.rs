@@ -15,37 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::policies::{connect_from, lost};
-use crate::support::{echo_round_trip, payload, Service, SERVICE_BIN};
-
-/// The service command line as `Service::start_with_env` builds it (JSON logs, loopback
-/// ports, no inherited `OTEL_*`/`ECHO_*`), behind `wrapper` (e.g. `prlimit ...`).
-fn wrapped_service(wrapper: &[&str], args: &[&str], env: &[(&str, &str)]) -> Command {
-    let mut command = Command::new(wrapper[0]);
-    command.args(&wrapper[1..]).arg(SERVICE_BIN);
-    for (flag, default) in [
-        ("--listen", "127.0.0.1:0"),
-        ("--admin-listen", "127.0.0.1:0"),
-        ("--log-format", "json"),
-    ] {
-        if !args.contains(&flag) {
-            command.args([flag, default]);
-        }
-    }
-    command
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    for (key, _) in std::env::vars() {
-        if key.starts_with("OTEL_") || key.starts_with("ECHO_") {
-            command.env_remove(key);
-        }
-    }
-    for (key, value) in env {
-        command.env(key, value);
-    }
-    command
-}
+use crate::support::{echo_round_trip, payload, service_command, Service};
 
 /// Fail with how to install `tool` (from Debian package `package`) if it is not on PATH.
 fn require(tool: &str, package: &str) {
@@ -350,7 +320,7 @@ const EMFILE_NOFILE: &str = "--nofile=64:64";
 /// client connections.
 fn service_out_of_fds() -> (Service, Vec<TcpStream>) {
     require("prlimit", "util-linux");
-    let service = Service::spawn(wrapped_service(&["prlimit", EMFILE_NOFILE, "--"], &[], &[]));
+    let service = Service::spawn(service_command(&["prlimit", EMFILE_NOFILE, "--"], &[], &[]));
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", service.pid())).unwrap();
     assert!(
         limits
@@ -724,7 +694,7 @@ fn collector_black_holed_by_nftables_in_a_netns_does_not_slow_echo_or_block_shut
 
     let listen = format!("{}:0", netns.ns_ip);
     let endpoint = format!("http://{}:{OTLP_PORT}", netns.ns_ip);
-    let mut service = Service::spawn(wrapped_service(
+    let mut service = Service::spawn(service_command(
         &["ip", "netns", "exec", &netns.name],
         &[
             "--listen",

@@ -11,6 +11,41 @@ use std::time::{Duration, Instant};
 /// Path of the service binary cargo built for these tests.
 pub const SERVICE_BIN: &str = env!("CARGO_BIN_EXE_echo-service");
 
+/// The service's command line as the tests run it: JSON logs, loopback port 0 for both ports
+/// unless `args` sets them, no inherited `OTEL_*`/`ECHO_*` variables, only `env`; behind
+/// `wrapper` (e.g. `["prlimit", "--nofile=64:64"]`) when it is not empty.
+pub fn service_command(wrapper: &[&str], args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut command = match wrapper.split_first() {
+        Some((program, wrapper_args)) => {
+            let mut command = Command::new(program);
+            command.args(wrapper_args).arg(SERVICE_BIN);
+            command
+        }
+        None => Command::new(SERVICE_BIN),
+    };
+    for (flag, default) in [
+        ("--listen", "127.0.0.1:0"),
+        ("--admin-listen", "127.0.0.1:0"),
+        ("--log-format", "json"),
+    ] {
+        if !args.contains(&flag) {
+            command.args([flag, default]);
+        }
+    }
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    for (key, _) in std::env::vars() {
+        if key.starts_with("OTEL_") || key.starts_with("ECHO_") {
+            command.env_remove(key);
+        }
+    }
+    command.envs(env.iter().copied());
+    command
+}
+
 /// A running `echo-service` process, killed on drop if still running.
 pub struct Service {
     child: Child,
@@ -32,30 +67,7 @@ impl Service {
     /// Start with extra environment variables. `OTEL_*` variables of the test's own environment
     /// are removed so only what the test sets applies.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Service {
-        let mut command = Command::new(SERVICE_BIN);
-        for (flag, default) in [
-            ("--listen", "127.0.0.1:0"),
-            ("--admin-listen", "127.0.0.1:0"),
-            ("--log-format", "json"),
-        ] {
-            if !args.contains(&flag) {
-                command.args([flag, default]);
-            }
-        }
-        command
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        for (key, _) in std::env::vars() {
-            if key.starts_with("OTEL_") || key.starts_with("ECHO_") {
-                command.env_remove(key);
-            }
-        }
-        for (key, value) in env {
-            command.env(key, value);
-        }
-        Self::spawn(command)
+        Self::spawn(service_command(&[], args, env))
     }
 
     /// Start a prepared command (used to wrap the binary, e.g. with `prlimit`).
