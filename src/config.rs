@@ -140,6 +140,7 @@ impl Config {
         ConnectionSettings {
             read_buffer_size: self.read_buffer_size,
             write_buffer_limit: self.write_buffer_limit,
+            // parse_size caps sizes at 64 MiB, so this always fits.
             send_queue_limit: u32::try_from(self.send_queue_limit).unwrap_or(u32::MAX),
             idle_timeout: self.idle_timeout,
             write_stall_timeout: self.write_stall_timeout,
@@ -190,7 +191,12 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "h" => value * 3600.0,
         other => return Err(format!("unknown unit '{other}'; use ms, s, m or h")),
     };
-    Duration::try_from_secs_f64(seconds).map_err(|_| format!("'{text}' is out of range"))
+    // Timers add durations to the clock: keep them far below where that could overflow.
+    const LONGEST: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+    match Duration::try_from_secs_f64(seconds) {
+        Ok(duration) if duration <= LONGEST => Ok(duration),
+        _ => Err(format!("'{text}' is out of range (at most 10 years)")),
+    }
 }
 
 fn parse_positive_duration(text: &str) -> Result<Duration, String> {
@@ -252,6 +258,10 @@ mod tests {
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("s").is_err());
         assert!(parse_positive_duration("0s").is_err());
+        assert!(parse_duration("3000000000000000h")
+            .unwrap_err()
+            .contains("out of range"));
+        assert!(parse_duration("87600h").is_ok());
     }
 
     #[test]

@@ -21,8 +21,9 @@
 //! - **Policy timers** (idle, write stall, max age, throttle) live in a boxed clock that exists
 //!   only when a time policy is configured.
 //! - **Exactly-once accounting.** `active` goes up when the task is created and down when it is
-//!   dropped, and `lost{reason}` is counted in `Drop`, as `panic` if the protocol panicked, so
-//!   the shared state stays right whatever happens.
+//!   dropped, and `lost{reason}` is counted on drop, as `panic` if the protocol panicked, so
+//!   the shared state stays right whatever happens. `echo_sent_bytes_total` counts what the
+//!   kernel took (`Protocol::bytes_sent`), not what was queued.
 
 use std::future::Future;
 use std::io;
@@ -117,6 +118,15 @@ struct Outbox {
     closing: Closing,
     /// A write error seen by `Transport::write`, reported by the driver.
     error: Option<io::Error>,
+    /// Bytes the kernel took during the current protocol callback, reported to the protocol
+    /// (`Protocol::bytes_sent`) once the callback returns.
+    sent_in_callback: usize,
+}
+
+impl Outbox {
+    fn take_sent(&mut self) -> usize {
+        std::mem::take(&mut self.sent_in_callback)
+    }
 }
 
 /// Show IPv4 peers of a dual-stack socket as plain IPv4 (`1.2.3.4`, not `::ffff:1.2.3.4`).
@@ -139,7 +149,10 @@ impl Transport for SocketTransport<'_> {
         let mut rest = data;
         if outbox.pending.is_empty() {
             match self.stream.try_write(data) {
-                Ok(n) => rest = &data[n..],
+                Ok(n) => {
+                    outbox.sent_in_callback += n;
+                    rest = &data[n..];
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => {
                     outbox.error = Some(e);
@@ -203,16 +216,43 @@ struct Linger {
 pub(crate) struct ConnectionTask<P> {
     stream: TcpStream,
     protocol: P,
-    shared: Arc<ConnectionShared>,
     outbox: Outbox,
     clock: Option<Box<PolicyClock>>,
     /// After our FIN: why we closed, and until when we drain the peer (boxed: rare).
     linger: Option<Box<Linger>>,
-    abort_key: usize,
     made: bool,
     read_open: bool,
+    /// Declared last: fields drop in order, so the socket and the protocol (and its span) are
+    /// gone before this counts the connection as lost and may tell the server that the last
+    /// connection has closed.
+    accounting: Accounting,
+}
+
+/// The connection's entry in the shared state, settled exactly once when it is dropped.
+struct Accounting {
+    shared: Arc<ConnectionShared>,
+    abort_key: usize,
     /// Set once, when the connection is lost (before `connection_lost` runs).
     reason: Option<LossReason>,
+}
+
+impl Drop for Accounting {
+    fn drop(&mut self) {
+        let reason = self.reason.unwrap_or(if std::thread::panicking() {
+            LossReason::Panic
+        } else {
+            LossReason::Shutdown
+        });
+        let shared = &self.shared;
+        shared.state.stats.lost(reason).inc();
+        shared.state.stats.active.dec();
+        if self.abort_key != NOT_REGISTERED {
+            shared.abort.unregister(self.abort_key);
+        }
+        if shared.state.stats.active.get() == 0 {
+            shared.all_closed.notify_one();
+        }
+    }
 }
 
 impl<P: Protocol> ConnectionTask<P> {
@@ -227,14 +267,17 @@ impl<P: Protocol> ConnectionTask<P> {
                 pending: BytesMut::new(),
                 closing: Closing::No,
                 error: None,
+                sent_in_callback: 0,
             },
             clock,
             linger: None,
-            abort_key: NOT_REGISTERED,
             made: false,
             read_open: true,
-            reason: None,
-            shared,
+            accounting: Accounting {
+                abort_key: NOT_REGISTERED,
+                reason: None,
+                shared,
+            },
         }
     }
 
@@ -244,15 +287,11 @@ impl<P: Protocol> ConnectionTask<P> {
             let _ = socket2::SockRef::from(&self.stream).set_linger(Some(Duration::ZERO));
         }
         if let LossReason::Error(kind) = reason {
-            // Resets are everyday events (counted, debug-logged by the instrumentation);
-            // other socket errors are worth a line.
-            tracing::warn!(
-                peer = ?self.stream.peer_addr().ok(),
-                error = %kind,
-                "connection failed"
-            );
+            // Counted in lost{reason="error"}; peers and networks cause these, so one line per
+            // connection would flood the log during a partition.
+            tracing::debug!(peer = ?self.stream.peer_addr().ok(), error = %kind, "connection failed");
         }
-        self.reason = Some(reason);
+        self.accounting.reason = Some(reason);
         self.protocol.connection_lost(reason);
         Poll::Ready(())
     }
@@ -293,13 +332,14 @@ impl<P: Protocol> Future for ConnectionTask<P> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = &mut *self;
-        if this.reason.is_some() {
+        if this.accounting.reason.is_some() {
             return Poll::Ready(());
         }
-        if this.abort_key == NOT_REGISTERED {
-            this.abort_key = this.shared.abort.register(cx.waker());
+        let shared = &this.accounting.shared;
+        if this.accounting.abort_key == NOT_REGISTERED {
+            this.accounting.abort_key = shared.abort.register(cx.waker());
         }
-        if this.shared.abort.is_aborted() {
+        if shared.abort.is_aborted() {
             return this.finish(LossReason::Shutdown);
         }
         if !this.made {
@@ -308,6 +348,10 @@ impl<P: Protocol> Future for ConnectionTask<P> {
                 stream: &this.stream,
                 outbox: &mut this.outbox,
             });
+            report_sent(&mut this.protocol, &mut this.outbox);
+            if let Some(clock) = this.clock.as_deref_mut() {
+                clock.record_write_progress(Instant::now(), !this.outbox.pending.is_empty());
+            }
         }
         let mut expired = false;
         loop {
@@ -321,7 +365,7 @@ impl<P: Protocol> Future for ConnectionTask<P> {
                 &mut this.outbox,
                 &mut this.read_open,
                 this.clock.as_deref_mut(),
-                &this.shared.settings,
+                &this.accounting.shared.settings,
             ) {
                 Poll::Ready(Step::Lost(reason)) => return this.finish(reason),
                 Poll::Ready(Step::Linger(reason)) => {
@@ -340,7 +384,7 @@ impl<P: Protocol> Future for ConnectionTask<P> {
             let Some(clock) = this.clock.as_deref_mut() else {
                 return Poll::Pending;
             };
-            let settings = &this.shared.settings;
+            let settings = &this.accounting.shared.settings;
             if clock.timer.is_elapsed() && !expired {
                 // Apply the policies once per poll, then give the socket another turn: a
                 // refilled throttle may read again, a max-age close must flush and FIN.
@@ -372,22 +416,11 @@ impl<P: Protocol> Future for ConnectionTask<P> {
     }
 }
 
-impl<P> Drop for ConnectionTask<P> {
-    fn drop(&mut self) {
-        let reason = self.reason.unwrap_or(if std::thread::panicking() {
-            LossReason::Panic
-        } else {
-            LossReason::Shutdown
-        });
-        let shared = &self.shared;
-        shared.state.stats.lost(reason).inc();
-        shared.state.stats.active.dec();
-        if self.abort_key != NOT_REGISTERED {
-            shared.abort.unregister(self.abort_key);
-        }
-        if shared.state.stats.active.get() == 0 {
-            shared.all_closed.notify_one();
-        }
+/// Tell the protocol what the kernel took during the callback that just returned.
+fn report_sent<P: Protocol>(protocol: &mut P, outbox: &mut Outbox) {
+    let n = outbox.take_sent();
+    if n > 0 {
+        protocol.bytes_sent(n);
     }
 }
 
@@ -417,6 +450,7 @@ fn poll_io<P: Protocol>(
                 }
                 Poll::Ready(Ok(n)) => {
                     outbox.pending.advance(n);
+                    protocol.bytes_sent(n);
                     if outbox.pending.is_empty() {
                         // Give the memory back: an idle connection should own no buffer.
                         outbox.pending = BytesMut::new();
@@ -455,7 +489,10 @@ fn poll_io<P: Protocol>(
             return Poll::Pending;
         }
 
-        let want = room.min(settings.read_buffer_size);
+        let allowance = clock
+            .as_deref()
+            .map_or(usize::MAX, PolicyClock::read_allowance);
+        let want = room.min(settings.read_buffer_size).min(allowance);
         let read = READ_BUFFER.with(|cell| {
             let mut buffer = cell.borrow_mut();
             if buffer.len() < want {
@@ -467,6 +504,7 @@ fn poll_io<P: Protocol>(
                     let data = buf.filled();
                     if !data.is_empty() {
                         protocol.data_received(data, &mut SocketTransport { stream, outbox });
+                        report_sent(protocol, outbox);
                     }
                     Poll::Ready(Ok(data.len()))
                 }

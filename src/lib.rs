@@ -18,7 +18,9 @@
 //! - [`server`]: accept loop, connection tasks, graceful drain; `bind`. (`accept.rs`: the
 //!   accept back-off schedule and rate-limited error log shared with the admin port;
 //!   `abort.rs`: the end-of-shutdown wake-up of every connection.)
-//! - [`policies`]: wrapping factories that refuse connections (total and per-peer limits).
+//! - [`policies`]: connection policies: wrapping factories that refuse connections (total and
+//!   per-peer limits) and the per-connection time policies (idle, write stall, max age,
+//!   throttle) the driver consults.
 //! - [`telemetry`]: Prometheus metrics, logs, OTLP spans, the instrumented factory.
 //! - [`admin`]: the admin HTTP server.
 //! - [`config`]: flags and `ECHO_*` variables.

@@ -25,8 +25,16 @@ pub trait Protocol: Send + Unpin + 'static {
     /// Some bytes arrived. `data` is only valid during the call; copy what must be kept.
     fn data_received(&mut self, data: &[u8], transport: &mut dyn Transport);
 
-    /// The connection is gone, for `reason`. Called exactly once, after the last
-    /// `data_received`; the transport can no longer be used.
+    /// `n` more bytes of what this protocol wrote were taken by the kernel for the peer.
+    /// Bytes still buffered when the connection is lost are never reported. Instrumentation
+    /// uses this to count bytes actually sent; most protocols ignore it.
+    fn bytes_sent(&mut self, n: usize) {
+        let _ = n;
+    }
+
+    /// The connection is gone, for `reason`. Called once, after the last `data_received`, when
+    /// the connection ends normally; not if the protocol panicked or the runtime was dropped
+    /// (the server still counts those losses). The transport can no longer be used.
     fn connection_lost(&mut self, reason: LossReason) {
         let _ = reason;
     }

@@ -50,13 +50,16 @@ pub struct Server<F: Factory> {
 }
 
 impl<F: Factory> Server<F> {
-    /// A server for `factory`, counting into `state`.
+    /// A server for `factory`, counting into `state`. Buffer sizes of zero are raised to one
+    /// byte (a zero-byte read looks like EOF; a zero write limit would never read).
     pub fn new(
         factory: F,
         state: Arc<ServiceState>,
-        settings: ConnectionSettings,
+        mut settings: ConnectionSettings,
         drain: DrainSettings,
     ) -> Self {
+        settings.read_buffer_size = settings.read_buffer_size.max(1);
+        settings.write_buffer_limit = settings.write_buffer_limit.max(1);
         Server {
             factory: Arc::new(factory),
             shared: Arc::new(ConnectionShared {
@@ -115,6 +118,7 @@ impl<F: Factory> Server<F> {
             self.shared.abort.abort_all();
             let _ = tokio::time::timeout(ABORT_GRACE, self.all_closed()).await;
         }
+        // Connections still unwinding after ABORT_GRACE are not waited for.
         self.factory.stop_factory();
         tracing::info!("server stopped");
     }

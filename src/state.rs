@@ -3,8 +3,8 @@
 //! This is the single source of truth that `/metrics`, `/healthz` and `/readyz` read. The
 //! counters are Prometheus metrics (an atomic each), so a scrape and a health check can never
 //! disagree. The server updates them at the edges of each connection, exactly once: `made` when a
-//! protocol is built, `active` through a guard that decrements on drop (so a panicking protocol
-//! still leaves the count right), and `lost{reason}` when the guard is finished or unwound.
+//! protocol is built, `active` when the connection task is created and again when it is dropped
+//! (so a panicking protocol still leaves the count right), and `lost{reason}` on that drop.
 
 use std::time::Instant;
 
@@ -163,16 +163,6 @@ impl ServiceState {
                 false
             }
         });
-    }
-
-    /// A receiver that sees every phase change.
-    pub fn watch_phase(&self) -> watch::Receiver<Phase> {
-        self.phase.subscribe()
-    }
-
-    /// The configured total connection limit.
-    pub fn max_connections(&self) -> Option<u64> {
-        self.max_connections
     }
 
     /// True while the total connection limit is reached.

@@ -110,6 +110,10 @@ impl<P: Protocol> Protocol for PeerLimited<P> {
         self.inner.data_received(data, transport);
     }
 
+    fn bytes_sent(&mut self, n: usize) {
+        self.inner.bytes_sent(n);
+    }
+
     fn connection_lost(&mut self, reason: LossReason) {
         self.inner.connection_lost(reason);
     }

@@ -1,7 +1,8 @@
 //! `--throttle-bytes-per-second`: a per-connection read throttle (Twisted's
-//! `ThrottlingFactory`). A token bucket with one second of burst: reads spend tokens, and while
-//! the bucket is in debt the connection stops reading until it has refilled; the peer's writes
-//! then back up in its kernel buffers, so the throttle needs no buffer of its own.
+//! `ThrottlingFactory`). A token bucket with one second of burst: each read is sized to the
+//! tokens left, and while the bucket is empty the connection stops reading until it has
+//! refilled; the peer's writes then back up in its kernel buffers, so the throttle needs no
+//! buffer of its own.
 
 use std::time::Duration;
 
@@ -38,6 +39,12 @@ impl Throttle {
     pub fn consume(&mut self, now: Instant, n: usize) {
         self.refill(now);
         self.tokens -= n as f64;
+    }
+
+    /// Most bytes the next read may take: the whole tokens, at least one byte (so a bucket
+    /// with a fraction of a token left still makes progress and goes at most a byte into debt).
+    pub fn allowance(&self) -> usize {
+        self.tokens.floor().max(1.0) as usize
     }
 
     /// Must reading pause?

@@ -49,11 +49,9 @@ impl PolicyClock {
         let now = Instant::now();
         let max_age_at = settings
             .max_age
-            .map(|age| now + jittered(age, settings.max_age_jitter, conn_id));
+            .map(|age| after(now, jittered(age, settings.max_age_jitter, conn_id)));
         Some(Box::new(PolicyClock {
-            timer: Box::pin(tokio::time::sleep_until(
-                now + Duration::from_secs(86_400 * 365),
-            )),
+            timer: Box::pin(tokio::time::sleep_until(after(now, FAR_FUTURE))),
             last_activity: now,
             stalled_since: None,
             max_age_at,
@@ -85,14 +83,22 @@ impl PolicyClock {
         self.throttle.as_ref().is_some_and(Throttle::in_debt)
     }
 
+    /// Most bytes the throttle lets the next read take (`usize::MAX` without a throttle), so a
+    /// read never overdraws the bucket by more than a byte.
+    pub fn read_allowance(&self) -> usize {
+        self.throttle
+            .as_ref()
+            .map_or(usize::MAX, Throttle::allowance)
+    }
+
     /// The earliest moment a policy needs to look at this connection again; `closing` drops
     /// the max-age deadline once a close has started.
     pub fn next_deadline(&self, settings: &ConnectionSettings, closing: bool) -> Option<Instant> {
-        let idle = settings.idle_timeout.map(|t| self.last_activity + t);
+        let idle = settings.idle_timeout.map(|t| after(self.last_activity, t));
         let stall = settings
             .write_stall_timeout
             .zip(self.stalled_since)
-            .map(|(t, since)| since + t);
+            .map(|(t, since)| after(since, t));
         let resume = self.throttle.as_ref().and_then(Throttle::resume_at);
         let age = if closing { None } else { self.max_age_at };
         [idle, stall, resume, age].into_iter().flatten().min()
@@ -101,12 +107,13 @@ impl PolicyClock {
     /// Apply the policies at `now`, after the timer fired.
     pub fn expire(&mut self, settings: &ConnectionSettings, now: Instant) -> Option<Expiry> {
         if let Some(idle) = settings.idle_timeout {
-            if now >= self.last_activity + idle {
+            // A connection held back by the throttle is not idle: its peer's bytes wait for us.
+            if now >= after(self.last_activity, idle) && !self.read_paused() {
                 return Some(Expiry::Close(LossReason::IdleTimeout));
             }
         }
         if let (Some(stall), Some(since)) = (settings.write_stall_timeout, self.stalled_since) {
-            if now >= since + stall {
+            if now >= after(since, stall) {
                 return Some(Expiry::Close(LossReason::WriteStall));
             }
         }
@@ -119,6 +126,15 @@ impl PolicyClock {
         }
         None
     }
+}
+
+/// Far enough to mean "never" for a connection.
+const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365);
+
+/// `at + d`, saturating at [`FAR_FUTURE`] from `at` instead of overflowing the clock.
+fn after(at: Instant, d: Duration) -> Instant {
+    at.checked_add(d.min(FAR_FUTURE * 10))
+        .unwrap_or_else(|| at + FAR_FUTURE)
 }
 
 /// `age` moved by a pseudo-random amount in `[-jitter, +jitter]`, derived from the connection
@@ -134,7 +150,7 @@ pub(crate) fn jittered(age: Duration, jitter: Duration, conn_id: u64) -> Duratio
     x ^= x >> 31;
     let unit = (x >> 11) as f64 / (1u64 << 53) as f64; // [0, 1)
     let offset = jitter.as_secs_f64() * (2.0 * unit - 1.0);
-    Duration::from_secs_f64((age.as_secs_f64() + offset).max(0.0))
+    Duration::try_from_secs_f64((age.as_secs_f64() + offset).max(0.0)).unwrap_or(Duration::MAX)
 }
 
 #[cfg(test)]
@@ -197,6 +213,44 @@ mod tests {
         clock.record_write_progress(start + Duration::from_secs(3), false);
         assert_eq!(
             clock.expire(&settings, start + Duration::from_secs(13)),
+            Some(Expiry::Close(LossReason::IdleTimeout))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn huge_settings_saturate_instead_of_overflowing() {
+        let settings = ConnectionSettings {
+            idle_timeout: Some(Duration::MAX),
+            max_age: Some(Duration::MAX),
+            max_age_jitter: Duration::MAX,
+            ..ConnectionSettings::default()
+        };
+        let clock = PolicyClock::for_connection(&settings, 1).unwrap();
+        assert!(clock.next_deadline(&settings, false).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_throttled_connection_is_not_idle_and_reads_within_its_allowance() {
+        let settings = ConnectionSettings {
+            idle_timeout: Some(Duration::from_secs(1)),
+            throttle_bytes_per_second: Some(1000),
+            ..ConnectionSettings::default()
+        };
+        let mut clock = PolicyClock::for_connection(&settings, 1).unwrap();
+        let start = Instant::now();
+        assert_eq!(clock.read_allowance(), 1000, "one second of burst");
+        clock.record_read(start, 1000, false);
+        assert!(clock.read_allowance() <= 1);
+        clock.record_read(start, 1, false);
+        assert!(clock.read_paused());
+        // Paused by the throttle past the idle timeout: not idle.
+        assert_eq!(
+            clock.expire(&settings, start + Duration::from_millis(1000)),
+            None
+        );
+        assert!(!clock.read_paused(), "refilled after a second");
+        assert_eq!(
+            clock.expire(&settings, start + Duration::from_secs(3)),
             Some(Expiry::Close(LossReason::IdleTimeout))
         );
     }

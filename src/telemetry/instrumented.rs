@@ -75,6 +75,7 @@ impl<F: Factory> Factory for InstrumentedFactory<F> {
             peer_port: conn.peer.port(),
             local_ip: conn.local.ip(),
             local_port: conn.local.port(),
+            recorded: false,
         })
     }
 
@@ -101,44 +102,9 @@ pub struct InstrumentedProtocol<P> {
     peer_port: u16,
     local_ip: IpAddr,
     local_port: u16,
-}
-
-impl<P> InstrumentedProtocol<P> {
-    /// The connection's span.
-    pub fn span(&self) -> &Span {
-        &self.span
-    }
-}
-
-/// Counts what the wrapped protocol writes, then passes it on.
-struct CountingTransport<'a> {
-    inner: &'a mut dyn Transport,
-    metrics: &'a TrafficMetrics,
-    sent: &'a mut u64,
-}
-
-impl Transport for CountingTransport<'_> {
-    fn write(&mut self, data: &[u8]) {
-        *self.sent += data.len() as u64;
-        self.metrics.sent_bytes.inc_by(data.len() as u64);
-        self.inner.write(data);
-    }
-
-    fn lose_connection(&mut self) {
-        self.inner.lose_connection();
-    }
-
-    fn abort_connection(&mut self) {
-        self.inner.abort_connection();
-    }
-
-    fn peer_addr(&self) -> std::net::SocketAddr {
-        self.inner.peer_addr()
-    }
-
-    fn local_addr(&self) -> std::net::SocketAddr {
-        self.inner.local_addr()
-    }
+    /// Set by `connection_lost`; if the protocol is dropped without it (a panic), `Drop`
+    /// records the loss so the histogram and the span agree with `lost{reason="panic"}`.
+    recorded: bool,
 }
 
 impl<P: Protocol> Protocol for InstrumentedProtocol<P> {
@@ -152,27 +118,42 @@ impl<P: Protocol> Protocol for InstrumentedProtocol<P> {
             "connection made"
         );
         let _entered = self.span.enter();
-        self.inner.connection_made(&mut CountingTransport {
-            inner: transport,
-            metrics: &self.metrics,
-            sent: &mut self.sent,
-        });
+        self.inner.connection_made(transport);
     }
 
     fn data_received(&mut self, data: &[u8], transport: &mut dyn Transport) {
         self.received += data.len() as u64;
         self.metrics.received_bytes.inc_by(data.len() as u64);
-        self.inner.data_received(
-            data,
-            &mut CountingTransport {
-                inner: transport,
-                metrics: &self.metrics,
-                sent: &mut self.sent,
-            },
-        );
+        self.inner.data_received(data, transport);
+    }
+
+    fn bytes_sent(&mut self, n: usize) {
+        self.sent += n as u64;
+        self.metrics.sent_bytes.inc_by(n as u64);
+        self.inner.bytes_sent(n);
     }
 
     fn connection_lost(&mut self, reason: LossReason) {
+        self.record_loss(reason);
+        let _entered = self.span.enter();
+        self.inner.connection_lost(reason);
+    }
+}
+
+impl<P> Drop for InstrumentedProtocol<P> {
+    fn drop(&mut self) {
+        if !self.recorded {
+            self.record_loss(LossReason::Panic);
+        }
+    }
+}
+
+impl<P> InstrumentedProtocol<P> {
+    /// Observe the duration and finish the span's attributes, once.
+    fn record_loss(&mut self, reason: LossReason) {
+        if std::mem::replace(&mut self.recorded, true) {
+            return;
+        }
         let elapsed = self.opened_at.elapsed();
         let duration = elapsed.as_secs_f64();
         self.metrics.duration.observe(duration);
@@ -220,7 +201,5 @@ impl<P: Protocol> Protocol for InstrumentedProtocol<P> {
             sent_bytes = self.sent as i64,
             "connection lost"
         );
-        let _entered = span.enter();
-        self.inner.connection_lost(reason);
     }
 }

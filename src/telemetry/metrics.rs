@@ -27,7 +27,7 @@ const DURATION_BUCKETS: [f64; 16] = [
 pub struct TrafficMetrics {
     /// `echo_received_bytes_total`: bytes read from peers (added once per read).
     pub received_bytes: IntCounter,
-    /// `echo_sent_bytes_total`: bytes the protocols wrote to peers (added once per write).
+    /// `echo_sent_bytes_total`: bytes the kernel took for peers (added once per write).
     pub sent_bytes: IntCounter,
     /// `echo_connection_duration_seconds`: connection lifetimes, observed when lost.
     pub duration: Histogram,
@@ -52,7 +52,10 @@ impl Metrics {
                 "echo_received_bytes_total",
                 "Bytes received from peers.",
             )?,
-            sent_bytes: IntCounter::new("echo_sent_bytes_total", "Bytes written to peers.")?,
+            sent_bytes: IntCounter::new(
+                "echo_sent_bytes_total",
+                "Bytes written to peers (taken by the kernel; not bytes dropped at a close).",
+            )?,
             duration: Histogram::with_opts(
                 HistogramOpts::new(
                     "echo_connection_duration_seconds",

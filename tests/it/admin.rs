@@ -99,7 +99,14 @@ fn slow_header_clients_are_cut_off_while_healthz_stays_fast() {
                 .unwrap();
             let mut buf = [0u8; 256];
             match stream.read(&mut buf) {
-                Ok(0) | Err(_) => {}
+                Ok(0) => {}
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    panic!("slow client {i} is still connected after the header timeout")
+                }
+                Err(_) => {} // reset: disconnected
                 Ok(n) => {
                     let text = String::from_utf8_lossy(&buf[..n]);
                     assert!(
@@ -123,4 +130,10 @@ fn the_echo_port_never_speaks_http_and_the_admin_port_never_echoes() {
     let mut raw = Vec::new();
     let _ = admin.read_to_end(&mut raw);
     assert!(!raw.starts_with(b"hello echo"), "admin port echoed");
+    assert_eq!(
+        parse_response(&raw).status,
+        400,
+        "{}",
+        String::from_utf8_lossy(&raw)
+    );
 }

@@ -41,6 +41,11 @@ fn each_invalid_setting_is_named_in_a_one_line_error() {
         ),
         (&["--idle-timeout", "0s"], &[], "--idle-timeout"),
         (
+            &["--max-connection-age", "3000000000000000h"],
+            &[],
+            "--max-connection-age",
+        ),
+        (
             &["--write-stall-timeout", "soon"],
             &[],
             "--write-stall-timeout",

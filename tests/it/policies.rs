@@ -309,6 +309,12 @@ fn write_stall_timeout_closes_a_peer_that_never_reads_but_not_a_slow_reader() {
     });
     assert_eq!(metrics.get(&lost("write_stall")), 1.0);
     assert_eq!(metrics.get("echo_connections_active"), 0.0);
+    // The staller's buffered echo was dropped when it was cut off: sent counts only what the
+    // kernel took, so it must fall short of what was received.
+    assert!(
+        metrics.get("echo_sent_bytes_total") < metrics.get("echo_received_bytes_total"),
+        "sent bytes include bytes that were never sent: {metrics:?}"
+    );
 }
 
 /// Bytes of a stream that repeats `pattern`, from offset `at`.
