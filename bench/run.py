@@ -441,12 +441,16 @@ def main():
     p.add_argument("--quiet-budget", type=float, default=180.0,
                    help="most seconds the whole suite spends waiting for other load to drop")
     p.add_argument("--scenarios", default="all", help="comma-separated subset")
-    p.add_argument("--servers", default="all", help="comma-separated subset")
+    p.add_argument("--servers", default="all",
+                   help="comma-separated subset; listed servers run in every scenario "
+                        "(echo-service-noexport otherwise only in the idle ones)")
     args = p.parse_args()
     if not 1 <= args.rounds <= 20:
         p.error("--rounds must be between 1 and 20")
     if not (0 < args.duration <= 600 and 0 <= args.warmup <= 60):
         p.error("--duration must be in (0, 600] and --warmup in [0, 60]")
+    # An explicit list runs every listed server in every scenario (idle_only included).
+    args.servers_explicit = args.servers != "all"
     args.servers = [s["name"] for s in SERVERS] if args.servers == "all" \
         else args.servers.split(",")
     unknown = set(args.servers) - {s["name"] for s in SERVERS}
@@ -507,7 +511,8 @@ def main():
                     for srv in SERVERS:
                         if srv["name"] not in args.servers:
                             continue
-                        if srv.get("idle_only") and not sc.get("idle"):
+                        if srv.get("idle_only") and not sc.get("idle") \
+                                and not args.servers_explicit:
                             continue
                         t0 = time.monotonic()
                         report = suite.measure(srv["name"], sc)
