@@ -223,6 +223,78 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::factory::Refusal;
+    use crate::protocol::{LossReason, Protocol};
+    use crate::transport::Transport;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Echoes, but panics on a byte `!`.
+    struct Fragile;
+
+    impl Protocol for Fragile {
+        fn data_received(&mut self, data: &[u8], transport: &mut dyn Transport) {
+            assert!(!data.contains(&b'!'), "fragile protocol hit a '!'");
+            transport.write(data);
+        }
+    }
+
+    struct FragileFactory;
+
+    impl Factory for FragileFactory {
+        type Protocol = Fragile;
+
+        fn build_protocol(&self, _conn: &ConnectionInfo) -> Result<Fragile, Refusal> {
+            Ok(Fragile)
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_protocol_is_counted_and_the_server_keeps_serving() {
+        let state = Arc::new(ServiceState::new(None));
+        let listener = bind("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let drain = DrainSettings {
+            drain_delay: Duration::ZERO,
+            shutdown_timeout: Duration::from_secs(5),
+        };
+        let server = Server::new(
+            FragileFactory,
+            state.clone(),
+            ConnectionSettings::default(),
+            drain,
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(server.run(listener, async {
+            let _ = stopped.await;
+        }));
+
+        let mut doomed = tokio::net::TcpStream::connect(addr).await.unwrap();
+        doomed.write_all(b"boom!").await.unwrap();
+        let mut buf = [0u8; 8];
+        // The task unwound: the socket is closed without an echo.
+        assert!(matches!(doomed.read(&mut buf).await, Ok(0) | Err(_)));
+
+        let mut fine = tokio::net::TcpStream::connect(addr).await.unwrap();
+        fine.write_all(b"still here").await.unwrap();
+        fine.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        fine.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"still here");
+
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while state.stats.active.get() != 0 || state.stats.lost_total() != 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "connections not settled"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(state.stats.lost(LossReason::Panic).get(), 1);
+        assert_eq!(state.stats.lost(LossReason::PeerClosed).get(), 1);
+        assert_eq!(state.stats.made.get(), 2);
+        stop.send(()).unwrap();
+        running.await.unwrap();
+    }
 
     #[test]
     fn mapped_ipv4_peers_are_shown_as_ipv4() {

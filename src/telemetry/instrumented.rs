@@ -19,7 +19,8 @@
 //!   only `otel.kind` is declared). The protocol keeps the few addresses it needs to do that.
 //! - The "connection made" span event is added at close with the accept timestamp, for the same
 //!   reason; the debug log line for it is written at accept (target
-//!   [`LIFECYCLE_LOG_TARGET`], which the OTLP layer does not export).
+//!   [`LIFECYCLE_LOG_TARGET`], which the OTLP layer does not export) and carries the trace id
+//!   when exporting. Both log lines carry the connection id and peer.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -109,14 +110,17 @@ pub struct InstrumentedProtocol<P> {
 
 impl<P: Protocol> Protocol for InstrumentedProtocol<P> {
     fn connection_made(&mut self, transport: &mut dyn Transport) {
-        tracing::debug!(
-            target: LIFECYCLE_LOG_TARGET,
-            parent: &self.span,
-            connection_id = self.id,
-            peer_address = %self.peer_ip,
-            peer_port = self.peer_port,
-            "connection made"
-        );
+        if tracing::enabled!(target: LIFECYCLE_LOG_TARGET, tracing::Level::DEBUG) {
+            tracing::debug!(
+                target: LIFECYCLE_LOG_TARGET,
+                parent: &self.span,
+                connection_id = self.id,
+                peer_address = %self.peer_ip,
+                peer_port = self.peer_port,
+                trace_id = trace_id(&self.span).as_deref(),
+                "connection made"
+            );
+        }
         let _entered = self.span.enter();
         self.inner.connection_made(transport);
     }
@@ -146,6 +150,17 @@ impl<P> Drop for InstrumentedProtocol<P> {
             self.record_loss(LossReason::Panic);
         }
     }
+}
+
+/// The OTLP trace id of `span`, when it is being exported. Only called while debug logging is
+/// on: asking for the id starts the SDK span, which a lean idle connection avoids.
+fn trace_id(span: &Span) -> Option<String> {
+    use opentelemetry::trace::TraceContextExt;
+    let context = span.context();
+    let span_context = context.span().span_context().clone();
+    span_context
+        .is_valid()
+        .then(|| span_context.trace_id().to_string())
 }
 
 impl<P> InstrumentedProtocol<P> {
@@ -190,9 +205,13 @@ impl<P> InstrumentedProtocol<P> {
                 span.set_status(Status::error(reason.label()));
             }
         }
+        let trace = tracing::enabled!(target: LIFECYCLE_LOG_TARGET, tracing::Level::DEBUG)
+            .then(|| trace_id(span))
+            .flatten();
         tracing::debug!(
             target: CONNECTION_TARGET,
             parent: span,
+            trace_id = trace.as_deref(),
             reason = reason.label(),
             connection_id = self.id,
             peer_address = %self.peer_ip,
