@@ -2,6 +2,7 @@
 //! concern (a single binary keeps link time down).
 
 mod admin;
+mod bench_smoke;
 mod config;
 mod drain;
 mod echo;
