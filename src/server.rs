@@ -202,8 +202,33 @@ impl<F: Factory> Acceptor<'_, F> {
 
 /// Bind a listening socket the way a server should: `SO_REUSEADDR` (a restart binds at once
 /// even with connections in TIME_WAIT), dual-stack when the address is the IPv6 wildcard
-/// (`[::]` accepts IPv4 too), and the given accept backlog.
+/// (`[::]` accepts IPv4 too), and the given accept backlog. On a host without IPv6 (kernel
+/// booted with `ipv6.disable=1`, or IPv6 turned off), the `[::]` wildcard falls back to
+/// `0.0.0.0` on the same port with a warning, so the default works everywhere.
 pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    match bind_exactly(addr, backlog) {
+        Err(err) => match ipv4_fallback(addr, &err) {
+            Some(v4) => {
+                tracing::warn!(requested = %addr, using = %v4, error = %err, "no IPv6 here: listening on IPv4 only");
+                bind_exactly(v4, backlog)
+            }
+            None => Err(err),
+        },
+        ok => ok,
+    }
+}
+
+/// The IPv4 wildcard to use instead of `addr` when binding it failed because IPv6 is missing.
+fn ipv4_fallback(addr: SocketAddr, err: &io::Error) -> Option<SocketAddr> {
+    let ipv6_missing = matches!(
+        err.raw_os_error(),
+        Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL | libc::EPROTONOSUPPORT)
+    );
+    (addr.is_ipv6() && addr.ip().is_unspecified() && ipv6_missing)
+        .then(|| SocketAddr::from(([0, 0, 0, 0], addr.port())))
+}
+
+fn bind_exactly(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
     use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
     let socket = Socket::new(
         Domain::for_address(addr),
@@ -294,6 +319,23 @@ mod tests {
         assert_eq!(state.stats.made.get(), 2);
         stop.send(()).unwrap();
         running.await.unwrap();
+    }
+
+    #[test]
+    fn only_the_ipv6_wildcard_falls_back_and_only_when_ipv6_is_missing() {
+        let wildcard: SocketAddr = "[::]:8000".parse().unwrap();
+        let no_ipv6 = io::Error::from_raw_os_error(libc::EAFNOSUPPORT);
+        assert_eq!(
+            ipv4_fallback(wildcard, &no_ipv6),
+            Some("0.0.0.0:8000".parse().unwrap())
+        );
+        let in_use = io::Error::from_raw_os_error(libc::EADDRINUSE);
+        assert_eq!(ipv4_fallback(wildcard, &in_use), None);
+        assert_eq!(ipv4_fallback("[::1]:8000".parse().unwrap(), &no_ipv6), None);
+        assert_eq!(
+            ipv4_fallback("127.0.0.1:8000".parse().unwrap(), &no_ipv6),
+            None
+        );
     }
 
     #[test]
