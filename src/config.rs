@@ -60,6 +60,12 @@ pub struct Config {
     #[arg(long, env = "ECHO_SEND_QUEUE_LIMIT", default_value = "64KiB", value_parser = parse_size, value_name = "BYTES")]
     pub send_queue_limit: usize,
 
+    /// TCP keepalive: after this much silence the kernel probes the peer (every quarter of it,
+    /// at least 1 s, 4 probes) and closes dead connections (pulled cable, expired NAT entry).
+    /// `0s` turns it off.
+    #[arg(long, env = "ECHO_TCP_KEEPALIVE", default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
+    pub tcp_keepalive: Duration,
+
     /// Kernel accept backlog of the echo port.
     #[arg(long, env = "ECHO_LISTEN_BACKLOG", default_value = "1024", value_parser = clap::value_parser!(u32).range(1..), allow_negative_numbers = true, value_name = "N")]
     pub listen_backlog: u32,
@@ -142,6 +148,7 @@ impl Config {
             write_buffer_limit: self.write_buffer_limit,
             // parse_size caps sizes at 64 MiB, so this always fits.
             send_queue_limit: u32::try_from(self.send_queue_limit).unwrap_or(u32::MAX),
+            tcp_keepalive: (!self.tcp_keepalive.is_zero()).then_some(self.tcp_keepalive),
             idle_timeout: self.idle_timeout,
             write_stall_timeout: self.write_stall_timeout,
             max_age: self.max_connection_age,

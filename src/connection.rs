@@ -61,6 +61,9 @@ pub struct ConnectionSettings {
     /// `TCP_NOTSENT_LOWAT`). Without it a peer that does not read parks megabytes in kernel
     /// buffers, invisible to backpressure and to the write-stall timeout.
     pub send_queue_limit: u32,
+    /// TCP keepalive idle time (`--tcp-keepalive`), so dead peers (pulled cable, expired NAT
+    /// entry) are noticed and closed with a reset; `None` turns keepalive off.
+    pub tcp_keepalive: Option<Duration>,
     /// Close after this long with no bytes either way (`--idle-timeout`).
     pub idle_timeout: Option<Duration>,
     /// Close when the peer has read nothing for this long while we have data for it
@@ -80,6 +83,7 @@ impl Default for ConnectionSettings {
             read_buffer_size: 16 * 1024,
             write_buffer_limit: 64 * 1024,
             send_queue_limit: 64 * 1024,
+            tcp_keepalive: Some(Duration::from_secs(60)),
             idle_timeout: None,
             write_stall_timeout: None,
             max_age: None,

@@ -75,6 +75,9 @@ impl<F: Factory> Server<F> {
 
     /// Serve `listener` until `shutdown` completes, then drain as described in the module doc.
     pub async fn run(self, listener: TcpListener, shutdown: impl std::future::Future<Output = ()>) {
+        if let Err(err) = set_inherited_options(&listener, &self.shared.settings) {
+            tracing::warn!(error = %err, "could not set TCP options on the listener");
+        }
         self.factory.start_factory();
         let mut acceptor = Acceptor {
             server: &self,
@@ -183,13 +186,7 @@ impl<F: Factory> Acceptor<'_, F> {
                 return; // dropping the stream closes it at once
             }
         };
-        if let Err(err) = stream.set_nodelay(true) {
-            tracing::debug!(peer = %info.peer, error = %err, "could not set TCP_NODELAY");
-        }
-        let send_queue_limit = self.server.shared.settings.send_queue_limit;
-        if let Err(err) = socket2::SockRef::from(&stream).set_tcp_notsent_lowat(send_queue_limit) {
-            tracing::debug!(peer = %info.peer, error = %err, "could not set TCP_NOTSENT_LOWAT");
-        }
+        // TCP_NODELAY, TCP_NOTSENT_LOWAT and keepalive were inherited from the listener.
         state.stats.made.inc();
         tokio::spawn(ConnectionTask::new(
             stream,
@@ -197,6 +194,28 @@ impl<F: Factory> Acceptor<'_, F> {
             info.id,
             self.server.shared.clone(),
         ));
+    }
+}
+
+/// Set the per-connection TCP options once, on the listener: Linux copies them to every
+/// accepted socket, which saves syscalls per accept. `TCP_NODELAY` (echo replies must not wait
+/// for Nagle), `TCP_NOTSENT_LOWAT` (`--send-queue-limit`) and keepalive (`--tcp-keepalive`:
+/// probes start after that much silence, then every quarter of it (at least 1 s), 4 probes).
+fn set_inherited_options(listener: &TcpListener, settings: &ConnectionSettings) -> io::Result<()> {
+    let socket = socket2::SockRef::from(listener);
+    socket.set_tcp_nodelay(true)?;
+    socket.set_tcp_notsent_lowat(settings.send_queue_limit)?;
+    match settings.tcp_keepalive {
+        Some(idle) => {
+            let interval = (idle / 4).max(Duration::from_secs(1));
+            socket.set_tcp_keepalive(
+                &socket2::TcpKeepalive::new()
+                    .with_time(idle)
+                    .with_interval(interval)
+                    .with_retries(4),
+            )
+        }
+        None => socket.set_keepalive(false),
     }
 }
 
@@ -335,6 +354,28 @@ mod tests {
         assert_eq!(
             ipv4_fallback("127.0.0.1:8000".parse().unwrap(), &no_ipv6),
             None
+        );
+    }
+
+    #[tokio::test]
+    async fn accepted_sockets_inherit_the_listener_options() {
+        let listener = bind("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let settings = ConnectionSettings {
+            send_queue_limit: 12_345,
+            tcp_keepalive: Some(Duration::from_secs(77)),
+            ..ConnectionSettings::default()
+        };
+        set_inherited_options(&listener, &settings).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let socket = socket2::SockRef::from(&accepted);
+        assert!(socket.tcp_nodelay().unwrap(), "TCP_NODELAY not inherited");
+        assert_eq!(socket.tcp_notsent_lowat().unwrap(), 12_345);
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(
+            socket.tcp_keepalive_time().unwrap(),
+            Duration::from_secs(77)
         );
     }
 
