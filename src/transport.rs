@@ -9,8 +9,11 @@ use std::net::SocketAddr;
 
 /// The protocol's handle on its connection.
 pub trait Transport {
-    /// Queue `data` for the peer. Never blocks: bytes the socket can't take now are buffered and
-    /// the server stops reading from this peer until they drain (backpressure).
+    /// Queue `data` for the peer. Never blocks: bytes the socket can't take now are buffered,
+    /// and while the buffer holds `--write-buffer-limit` bytes the server stops reading from
+    /// this peer (backpressure). Reads are sized to the room left, so a protocol that writes no
+    /// more than it reads (echo) never exceeds the limit; one that writes more can. Writes after
+    /// `lose_connection`, `abort_connection` or a socket error are dropped.
     fn write(&mut self, data: &[u8]);
 
     /// Close after everything written so far has been sent (FIN, not RST).
