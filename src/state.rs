@@ -6,16 +6,17 @@
 //! protocol is built, `active` when the connection task is created and again when it is dropped
 //! (so a panicking protocol still leaves the count right), and `lost{reason}` on that drop.
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Instant;
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
-use tokio::sync::watch;
 
 use crate::factory::Refusal;
 use crate::protocol::LossReason;
 
 /// Where the service is in its life. It only moves forward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
 pub enum Phase {
     /// Accepting connections and ready for traffic.
     Serving,
@@ -26,6 +27,14 @@ pub enum Phase {
 }
 
 impl Phase {
+    fn from_u8(value: u8) -> Phase {
+        match value {
+            0 => Phase::Serving,
+            1 => Phase::Draining,
+            _ => Phase::Stopping,
+        }
+    }
+
     /// The lowercase name used in `/healthz` (`serving`, `draining`, `stopping`).
     pub fn as_str(self) -> &'static str {
         match self {
@@ -131,7 +140,8 @@ impl ConnectionStats {
 pub struct ServiceState {
     /// Connection counters.
     pub stats: ConnectionStats,
-    phase: watch::Sender<Phase>,
+    /// The current [`Phase`] as its `u8` discriminant; it only grows.
+    phase: AtomicU8,
     started_at: Instant,
     /// `--max-connections`, when set: readiness reports "at capacity" at this many.
     max_connections: Option<u64>,
@@ -142,7 +152,7 @@ impl ServiceState {
     pub fn new(max_connections: Option<u64>) -> Self {
         ServiceState {
             stats: ConnectionStats::new(),
-            phase: watch::Sender::new(Phase::Serving),
+            phase: AtomicU8::new(Phase::Serving as u8),
             started_at: Instant::now(),
             max_connections,
         }
@@ -150,19 +160,12 @@ impl ServiceState {
 
     /// The current phase.
     pub fn phase(&self) -> Phase {
-        *self.phase.borrow()
+        Phase::from_u8(self.phase.load(Ordering::Acquire))
     }
 
     /// Move to `phase` (never backwards).
     pub fn advance(&self, phase: Phase) {
-        self.phase.send_if_modified(|current| {
-            if phase > *current {
-                *current = phase;
-                true
-            } else {
-                false
-            }
-        });
+        self.phase.fetch_max(phase as u8, Ordering::AcqRel);
     }
 
     /// True while the total connection limit is reached.
