@@ -745,12 +745,7 @@ fn collector_black_holed_by_nftables_in_a_netns_does_not_slow_echo_or_block_shut
         "the exporter never tried the collector: {chain}"
     );
 
-    let signalled = Instant::now();
-    service.signal("TERM");
-    let status = service
-        .wait_exit(Duration::from_secs(20))
-        .expect("no exit within 20 s of SIGTERM");
-    let took = signalled.elapsed();
+    let (status, took) = service.terminate(Duration::from_secs(20));
     eprintln!(
         "black-holed collector: {} round trips, median {median:?}, slowest {slowest:?}; {dropped} \
          packets dropped; RSS {} -> {} KiB; exit after {took:?}",

@@ -133,6 +133,17 @@ impl Service {
         }
     }
 
+    /// SIGTERM, then wait up to `limit` for the exit; returns the status and how long the exit
+    /// took after the signal. Panics if the process is still running after `limit`.
+    pub fn terminate(&mut self, limit: Duration) -> (ExitStatus, Duration) {
+        let signalled = Instant::now();
+        self.signal("TERM");
+        let status = self
+            .wait_exit(limit)
+            .unwrap_or_else(|| panic!("echo-service did not exit within {limit:?} of SIGTERM"));
+        (status, signalled.elapsed())
+    }
+
     /// Resident set size of the process, in bytes.
     pub fn rss_bytes(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();

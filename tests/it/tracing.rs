@@ -73,12 +73,7 @@ fn wait_lost(service: &Service, reason: &str, count: usize) {
 
 /// SIGTERM, wait for a successful exit, return how long the exit took after the signal.
 fn stop(service: &mut Service) -> Duration {
-    let signalled = Instant::now();
-    service.signal("TERM");
-    let status = service
-        .wait_exit(Duration::from_secs(20))
-        .expect("echo-service did not exit within 20 s of SIGTERM");
-    let took = signalled.elapsed();
+    let (status, took) = service.terminate(Duration::from_secs(20));
     assert!(
         status.success(),
         "echo-service exited with {status} after SIGTERM; logs:\n{}",
