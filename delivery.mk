@@ -28,7 +28,7 @@ dashboards-sync: ## Copy the Grafana dashboard and alert rules from dashboards/ 
 
 # Always ask cargo (a no-op when up to date) so the tests never run a stale binary.
 delivery-bin:
-	cargo build --bin echo-service
+	cargo build --locked --bin echo-service
 
 test-delivery: venv delivery-bin ## Verify chart, manifests, dashboards and alerts with Helm, kubernetes-validate, checkov, Prometheus
 	ECHO_SERVICE_BIN=$(DELIVERY_BIN) $(DELIVERY_VENV)/bin/python -m pytest -p no:cacheprovider $(CURDIR)/tests/delivery -q

@@ -8,17 +8,31 @@
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use serde_json::Value;
 
 use crate::support::Service;
 
-const BENCH_BIN: &str = env!("CARGO_BIN_EXE_echo-bench");
+/// The `echo-bench` binary. It is its own workspace crate (so its dependencies stay out of the
+/// service), and cargo only tells a test about its own package's binaries: it sits next to
+/// `echo-service` in the same target directory once `cargo build --workspace` (or `make test`)
+/// has built it.
+fn bench_bin() -> PathBuf {
+    let service = Path::new(crate::support::SERVICE_BIN);
+    let bin = service.with_file_name("echo-bench");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build the workspace first (`cargo build --workspace --locked`, which `make test` does)",
+        bin.display()
+    );
+    bin
+}
 
 /// Runs echo-bench with `args` and returns its output.
 fn bench(args: &[&str]) -> Output {
-    Command::new(BENCH_BIN)
+    Command::new(bench_bin())
         .args(args)
         .env_remove("ECHO_BENCH_TARGET")
         .output()

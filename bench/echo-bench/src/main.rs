@@ -18,23 +18,14 @@
 //! Every run is bounded: each mode stops at the end of its window, and the whole run is wrapped
 //! in a deadline (connect phase + warm-up + window + I/O timeouts + grace) past which it exits 1.
 
-#[path = "echo-bench/bulk.rs"]
 mod bulk;
-#[path = "echo-bench/churn.rs"]
 mod churn;
-#[path = "echo-bench/cli.rs"]
 mod cli;
-#[path = "echo-bench/connect.rs"]
 mod connect;
-#[path = "echo-bench/idle.rs"]
 mod idle;
-#[path = "echo-bench/pattern.rs"]
 mod pattern;
-#[path = "echo-bench/ping_pong.rs"]
 mod ping_pong;
-#[path = "echo-bench/procstat.rs"]
 mod procstat;
-#[path = "echo-bench/run.rs"]
 mod run;
 
 use std::process::ExitCode;
