@@ -7,12 +7,16 @@
 //! | `/readyz`  | readiness: 200 while serving; 503 while draining, stopping or at the connection limit, with the reason as JSON |
 //!
 //! `GET` and `HEAD` work on all three; other methods get 405 with `Allow`; other paths 404.
-//! Headers must arrive within `--admin-header-timeout` (slow clients are disconnected) and fit
-//! in `--admin-max-header-bytes` (larger ones get 431); malformed requests get 400. It keeps
-//! serving through the whole drain, so probes and scrapes see it happen. Routing is a plain
-//! `match`, and [`respond`] is tested without a socket.
+//! HTTP/1.1 and HTTP/2 with prior knowledge are both served. Headers must arrive within
+//! `--admin-header-timeout` (slow clients are disconnected) and fit in
+//! `--admin-max-header-bytes` (larger ones get 431); a request target over [`MAX_URI_BYTES`]
+//! gets 414; malformed requests get 400. At most `--admin-max-connections` are open at once,
+//! shared fairly between peers (`slots.rs`), so a flood can neither grow memory nor lock out
+//! probes. It keeps serving through the whole drain, so probes and scrapes see it happen.
+//! Routing is a plain `match`, and [`respond`] is tested without a socket.
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,20 +24,32 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
 use crate::accept::AcceptBackoff;
 use crate::state::ServiceState;
 use crate::telemetry::{Metrics, TEXT_CONTENT_TYPE};
 
+mod slots;
+
+use slots::{AdminSlots, Admission};
+
+/// The longest request target (path and query) answered; longer ones get 414. Room for it is
+/// added to hyper's read buffer on top of `--admin-max-header-bytes`, so a long URI is told
+/// apart from oversized headers (431).
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+
 /// Admin server limits.
 #[derive(Debug, Clone, Copy)]
 pub struct AdminSettings {
     /// Close a connection whose request headers are not complete after this long.
     pub header_read_timeout: Duration,
-    /// Largest request head accepted (hyper's read buffer; at least 8192).
+    /// Largest request head accepted (at least 8192); larger ones get 431.
     pub max_header_bytes: usize,
+    /// Most admin connections open at once (`--admin-max-connections`).
+    pub max_connections: usize,
 }
 
 /// What the handlers read.
@@ -49,40 +65,117 @@ impl Admin {
     }
 }
 
-/// Serve admin requests on `listener` until the process exits. Accept errors back off and are
+/// Serve admin requests on `listener` until the process exits. HTTP/1.1 and HTTP/2 (prior
+/// knowledge, as gRPC-style clients send it) are both served. Accept errors back off and are
 /// logged at most once a second, like the echo port's (the admin port must outlive them).
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, settings: AdminSettings) {
+    let slots = AdminSlots::new(settings.max_connections);
     let mut backoff = AcceptBackoff::default();
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
+    let mut http = auto::Builder::new(TokioExecutor::new());
+    http.http1()
+        .timer(TokioTimer::new())
         .header_read_timeout(settings.header_read_timeout)
-        .max_buf_size(settings.max_header_bytes.max(8192))
+        .max_buf_size(settings.max_header_bytes.max(8192) + MAX_URI_BYTES)
         .keep_alive(true);
+    http.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(16)
+        .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX));
+    let http = Arc::new(http);
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => {
                 backoff.succeeded();
-                stream
+                accepted
             }
             Err(err) => {
+                admin.metrics.admin.accept_errors.inc();
                 backoff.failed(&err, "admin").await;
                 continue;
             }
         };
-        let admin = admin.clone();
-        let conn = http.serve_connection(
-            TokioIo::new(stream),
-            hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let response = respond(&admin, req.method(), req.uri().path());
-                async move { Ok::<_, Infallible>(response) }
-            }),
-        );
-        tokio::spawn(async move {
-            if let Err(err) = conn.await {
-                tracing::debug!(error = %err, "admin connection ended with an error");
+        let slot = match slots.admit(peer.ip()) {
+            Admission::Admitted(slot) => slot,
+            Admission::AdmittedByEviction(slot) => {
+                admin.metrics.admin.evicted.inc();
+                slot
             }
+            Admission::Refused => {
+                // Closed at once: the peer sees the connection end, the process keeps nothing.
+                admin.metrics.admin.refused.inc();
+                drop(stream);
+                continue;
+            }
+        };
+        admin.metrics.admin.active.set(slots.open() as i64);
+        let (admin, http, slots) = (admin.clone(), http.clone(), slots.clone());
+        tokio::spawn(async move {
+            serve_connection(stream, &admin, &http, &slot, settings).await;
+            drop(slot);
+            admin.metrics.admin.active.set(slots.open() as i64);
         });
     }
+}
+
+/// One admin connection, until it ends, is evicted, or sends no first request within the
+/// header timeout (hyper's own timeout covers HTTP/1 requests once the protocol is known;
+/// this one also covers a client that never sends enough to tell HTTP/1 from HTTP/2).
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    admin: &Arc<Admin>,
+    http: &auto::Builder<TokioExecutor>,
+    slot: &slots::Slot,
+    settings: AdminSettings,
+) {
+    let spoke = Arc::new(AtomicBool::new(false));
+    let service = {
+        let (admin, spoke) = (admin.clone(), spoke.clone());
+        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+            spoke.store(true, Ordering::Relaxed);
+            let response = respond_to(&admin, &req, settings.max_header_bytes);
+            async move { Ok::<_, Infallible>(response) }
+        })
+    };
+    let conn = http.serve_connection(TokioIo::new(stream), service);
+    let first_request = async {
+        tokio::time::sleep(settings.header_read_timeout).await;
+        if spoke.load(Ordering::Relaxed) {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        result = conn => {
+            if let Err(err) = result {
+                tracing::debug!(error = %err, "admin connection ended with an error");
+            }
+        }
+        () = slot.evicted() => tracing::debug!("admin connection closed to make room for another peer"),
+        () = first_request => tracing::debug!("admin connection sent no request in time"),
+    }
+}
+
+/// Check the request's size limits, then route it.
+fn respond_to<B>(
+    admin: &Admin,
+    req: &Request<B>,
+    max_header_bytes: usize,
+) -> Response<Full<Bytes>> {
+    let target = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
+    if target > MAX_URI_BYTES {
+        return plain(StatusCode::URI_TOO_LONG, "request target too long\n");
+    }
+    let head: usize = req
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    if head > max_header_bytes {
+        return plain(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "request headers too large\n",
+        );
+    }
+    respond(admin, req.method(), req.uri().path())
 }
 
 /// Route one request. HEAD gets the GET response; hyper drops the body for HEAD.

@@ -39,31 +39,31 @@ pub struct Config {
 
     /// After SIGTERM/SIGINT, keep accepting (but report not ready) this long, so load balancers
     /// stop sending new connections before the listener closes.
-    #[arg(long, env = "ECHO_DRAIN_DELAY", default_value = "0s", value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, env = "ECHO_DRAIN_DELAY", default_value = "0s", value_parser = parse_duration, allow_hyphen_values = true, value_name = "DURATION")]
     pub drain_delay: Duration,
 
     /// After the drain delay, give open connections this long to finish, then close them.
-    #[arg(long, env = "ECHO_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, env = "ECHO_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration, allow_hyphen_values = true, value_name = "DURATION")]
     pub shutdown_timeout: Duration,
 
     /// Largest single read from a socket. The buffer is per worker thread, not per connection.
-    #[arg(long, env = "ECHO_READ_BUFFER_SIZE", default_value = "16KiB", value_parser = parse_size, value_name = "BYTES")]
+    #[arg(long, env = "ECHO_READ_BUFFER_SIZE", default_value = "16KiB", value_parser = parse_size, allow_hyphen_values = true, value_name = "BYTES")]
     pub read_buffer_size: usize,
 
     /// Most bytes buffered for a peer that is not reading; reading from it stops while full.
-    #[arg(long, env = "ECHO_WRITE_BUFFER_LIMIT", default_value = "64KiB", value_parser = parse_size, value_name = "BYTES")]
+    #[arg(long, env = "ECHO_WRITE_BUFFER_LIMIT", default_value = "64KiB", value_parser = parse_size, allow_hyphen_values = true, value_name = "BYTES")]
     pub write_buffer_limit: usize,
 
     /// Most unsent bytes the kernel may queue per connection (TCP_NOTSENT_LOWAT; writes resume
     /// when half of it has drained). Past it, bytes wait in the write buffer above, so a peer
     /// that does not read is held by backpressure and seen by --write-stall-timeout.
-    #[arg(long, env = "ECHO_SEND_QUEUE_LIMIT", default_value = "64KiB", value_parser = parse_size, value_name = "BYTES")]
+    #[arg(long, env = "ECHO_SEND_QUEUE_LIMIT", default_value = "64KiB", value_parser = parse_size, allow_hyphen_values = true, value_name = "BYTES")]
     pub send_queue_limit: usize,
 
     /// TCP keepalive: after this much silence the kernel probes the peer (every quarter of it,
     /// at least 1 s, 4 probes) and closes dead connections (pulled cable, expired NAT entry).
-    /// `0s` turns it off.
-    #[arg(long, env = "ECHO_TCP_KEEPALIVE", default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
+    /// `0s` turns it off; otherwise whole seconds from 1s to 32767s (what Linux accepts).
+    #[arg(long, env = "ECHO_TCP_KEEPALIVE", default_value = "60s", value_parser = parse_keepalive, allow_hyphen_values = true, value_name = "DURATION")]
     pub tcp_keepalive: Duration,
 
     /// Kernel accept backlog of the echo port.
@@ -71,8 +71,10 @@ pub struct Config {
     pub listen_backlog: u32,
 
     /// Refuse new connections (accept and close at once) while this many are open; /readyz
-    /// reports at capacity meanwhile. Unset: no limit.
-    #[arg(long, env = "ECHO_MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..), allow_negative_numbers = true, value_name = "N")]
+    /// reports at capacity meanwhile. At most 100000000. Unset: derived from the process's
+    /// file descriptor limit (RLIMIT_NOFILE) minus a reserve for the admin port and the rest of
+    /// the process, so health checks and scrapes never starve (logged at startup).
+    #[arg(long, env = "ECHO_MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..=MAX_CONNECTIONS_CEILING), allow_negative_numbers = true, value_name = "N")]
     pub max_connections: Option<u64>,
 
     /// Refuse new connections from a peer IP that already has this many open. Unset: no limit.
@@ -80,32 +82,36 @@ pub struct Config {
     pub max_connections_per_peer: Option<u32>,
 
     /// Close connections with no bytes in either direction for this long. Unset: never.
-    #[arg(long, env = "ECHO_IDLE_TIMEOUT", value_parser = parse_positive_duration, value_name = "DURATION")]
+    #[arg(long, env = "ECHO_IDLE_TIMEOUT", value_parser = parse_positive_duration, allow_hyphen_values = true, value_name = "DURATION")]
     pub idle_timeout: Option<Duration>,
 
     /// Close connections whose peer has read nothing for this long while data waits for it.
     /// Unset: never.
-    #[arg(long, env = "ECHO_WRITE_STALL_TIMEOUT", value_parser = parse_positive_duration, value_name = "DURATION")]
+    #[arg(long, env = "ECHO_WRITE_STALL_TIMEOUT", value_parser = parse_positive_duration, allow_hyphen_values = true, value_name = "DURATION")]
     pub write_stall_timeout: Option<Duration>,
 
     /// Close connections gracefully (flush, then FIN) after this age, so load rebalances after
     /// a scale-up. Unset: never.
-    #[arg(long, env = "ECHO_MAX_CONNECTION_AGE", value_parser = parse_positive_duration, value_name = "DURATION")]
+    #[arg(long, env = "ECHO_MAX_CONNECTION_AGE", value_parser = parse_positive_duration, allow_hyphen_values = true, value_name = "DURATION")]
     pub max_connection_age: Option<Duration>,
 
     /// Spread max-connection-age by up to +- this much per connection.
-    #[arg(long, env = "ECHO_MAX_CONNECTION_AGE_JITTER", default_value = "0s", value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, env = "ECHO_MAX_CONNECTION_AGE_JITTER", default_value = "0s", value_parser = parse_duration, allow_hyphen_values = true, value_name = "DURATION")]
     pub max_connection_age_jitter: Duration,
 
-    /// Read at most this many bytes per second from each connection. Unset: unlimited.
-    #[arg(long, env = "ECHO_THROTTLE_BYTES_PER_SECOND", value_parser = clap::value_parser!(u64).range(1..), allow_negative_numbers = true, value_name = "BYTES")]
+    /// Read at most this many bytes per second from each connection (`100KiB`, `1MiB`, up to
+    /// 1GiB). Unset: unlimited.
+    #[arg(long, env = "ECHO_THROTTLE_BYTES_PER_SECOND", value_parser = parse_rate, allow_hyphen_values = true, value_name = "BYTES")]
     pub throttle_bytes_per_second: Option<u64>,
 
-    /// Log filter, RUST_LOG syntax (e.g. `info`, `echo_service=debug`).
+    /// Log filter: comma-separated directives, each a level (`trace`, `debug`, `info`, `warn`,
+    /// `error`, `off`) or `TARGET=LEVEL` (e.g. `info,echo_service=debug`).
     #[arg(
         long,
         env = "ECHO_LOG_LEVEL",
         default_value = "info",
+        value_parser = parse_log_filter,
+        allow_hyphen_values = true,
         value_name = "FILTER"
     )]
     pub log_level: String,
@@ -115,21 +121,42 @@ pub struct Config {
     pub log_format: LogFormat,
 
     /// Upper bound of one OTLP export and of the final span flush at shutdown.
-    #[arg(long, env = "ECHO_EXPORT_TIMEOUT", default_value = "3s", value_parser = parse_positive_duration, value_name = "DURATION")]
+    #[arg(long, env = "ECHO_EXPORT_TIMEOUT", default_value = "3s", value_parser = parse_positive_duration, allow_hyphen_values = true, value_name = "DURATION")]
     pub export_timeout: Duration,
 
     /// Admin connections whose request headers take longer than this are closed.
-    #[arg(long, env = "ECHO_ADMIN_HEADER_TIMEOUT", default_value = "5s", value_parser = parse_positive_duration, value_name = "DURATION")]
+    #[arg(long, env = "ECHO_ADMIN_HEADER_TIMEOUT", default_value = "5s", value_parser = parse_positive_duration, allow_hyphen_values = true, value_name = "DURATION")]
     pub admin_header_timeout: Duration,
 
     /// Largest admin request head; larger ones get 431. At least 8KiB.
-    #[arg(long, env = "ECHO_ADMIN_MAX_HEADER_BYTES", default_value = "16KiB", value_parser = parse_header_size, value_name = "BYTES")]
+    #[arg(long, env = "ECHO_ADMIN_MAX_HEADER_BYTES", default_value = "16KiB", value_parser = parse_header_size, allow_hyphen_values = true, value_name = "BYTES")]
     pub admin_max_header_bytes: usize,
+
+    /// Most log bytes queued for stdout. A reader of stdout that stops draining never blocks
+    /// the service: once this much waits, new lines are dropped and counted in
+    /// `echo_log_lines_dropped_total`.
+    #[arg(long, env = "ECHO_LOG_BUFFER_SIZE", default_value = "1MiB", value_parser = parse_size, allow_hyphen_values = true, value_name = "BYTES")]
+    pub log_buffer_size: usize,
+
+    /// Most admin connections open at once. Past it, a peer holding fewer admin connections
+    /// than the busiest peer takes that peer's oldest connection; any other new connection is
+    /// closed at once. Both are counted in `echo_admin_connections_rejected_total`.
+    #[arg(long, env = "ECHO_ADMIN_MAX_CONNECTIONS", default_value = "64", value_parser = clap::value_parser!(u32).range(1..=65536), allow_negative_numbers = true, value_name = "N")]
+    pub admin_max_connections: u32,
 }
+
+/// The largest `--max-connections` accepted (far above any file descriptor limit).
+pub const MAX_CONNECTIONS_CEILING: u64 = 100_000_000;
 
 impl Config {
     /// Checks that involve more than one setting; the error names them.
     pub fn validate(&self) -> Result<(), String> {
+        if self.listen.port() != 0 && same_socket(self.listen, self.admin_listen) {
+            return Err(format!(
+                "invalid value for '--admin-listen': {} is the same port as --listen {}",
+                self.admin_listen, self.listen
+            ));
+        }
         if let Some(age) = self.max_connection_age {
             if self.max_connection_age_jitter > age {
                 return Err(format!(
@@ -170,6 +197,7 @@ impl Config {
         AdminSettings {
             header_read_timeout: self.admin_header_timeout,
             max_header_bytes: self.admin_max_header_bytes,
+            max_connections: self.admin_max_connections as usize,
         }
     }
 
@@ -181,9 +209,21 @@ impl Config {
     }
 }
 
+/// Would binding both addresses clash (same port, and the same or an overlapping wildcard IP)?
+fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && (a.ip() == b.ip()
+            || a.ip().is_unspecified()
+            || b.ip().is_unspecified()
+            || a.ip().to_canonical() == b.ip().to_canonical())
+}
+
 /// Parse `500ms`, `5s`, `2m`, `1h` (a number, then a unit; decimals allowed: `1.5s`).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
+    if text.starts_with('-') {
+        return Err(format!("'{text}' is negative; durations are 0 or more"));
+    }
     let split = text
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .ok_or_else(|| format!("'{text}' has no unit; write e.g. 500ms, 5s, 2m or 1h"))?;
@@ -218,6 +258,9 @@ fn parse_positive_duration(text: &str) -> Result<Duration, String> {
 /// Zero is refused.
 pub fn parse_size(text: &str) -> Result<usize, String> {
     let text = text.trim();
+    if text.starts_with('-') {
+        return Err(format!("'{text}' is negative; sizes are at least 1 byte"));
+    }
     let split = text
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());
@@ -241,6 +284,73 @@ pub fn parse_size(text: &str) -> Result<usize, String> {
         return Err("must be at most 64MiB".into());
     }
     Ok(bytes)
+}
+
+/// Parse a byte rate like a size (`100KiB`, `1MiB`, `1GiB`, or plain bytes), up to 1 GiB.
+fn parse_rate(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (number, multiplier) = match text.strip_suffix("GiB").or(text.strip_suffix("GB")) {
+        Some(number) => (number, 1024 * 1024 * 1024),
+        None => (text, 1),
+    };
+    let bytes = if multiplier == 1 {
+        parse_size(number).map(|b| b as u64)?
+    } else {
+        let value: u64 = number
+            .trim()
+            .parse()
+            .map_err(|_| format!("'{text}' is not a size; write e.g. 100KiB or 1MiB"))?;
+        value.saturating_mul(multiplier)
+    };
+    if bytes == 0 || bytes > 1024 * 1024 * 1024 {
+        return Err("must be between 1 byte and 1GiB per second".into());
+    }
+    Ok(bytes)
+}
+
+/// Keepalive idle time: `0s` (off), or whole seconds from 1 to 32767 (Linux's TCP_KEEPIDLE
+/// range; outside it the kernel refuses the option and keepalive would silently fall back to
+/// its 2 h default).
+fn parse_keepalive(text: &str) -> Result<Duration, String> {
+    let duration = parse_duration(text)?;
+    if duration.is_zero() {
+        return Ok(duration);
+    }
+    if duration.subsec_nanos() != 0 || !(1..=32_767).contains(&duration.as_secs()) {
+        return Err("must be 0s (off) or whole seconds from 1s to 32767s".into());
+    }
+    Ok(duration)
+}
+
+/// The levels a log directive may name.
+const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// A log filter: comma-separated directives, each `LEVEL` or `TARGET=LEVEL` (a target may carry
+/// RUST_LOG's `[span{field}]` selectors). Stricter than RUST_LOG on purpose: a bare word that
+/// is not a level (`warning`, `verbose`) would select a target nobody logs to and silently
+/// turn logging off.
+pub fn parse_log_filter(text: &str) -> Result<String, String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Err("is empty; write a level such as 'info'".into());
+    }
+    for directive in text.split(',') {
+        let directive = directive.trim();
+        let level = match directive.rsplit_once('=') {
+            Some((target, level)) if !target.trim().is_empty() => level,
+            _ => directive,
+        };
+        if !LOG_LEVELS.contains(&level.trim().to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "'{directive}' is not a level or TARGET=LEVEL (levels: {})",
+                LOG_LEVELS.join(", ")
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::builder()
+        .parse(text)
+        .map_err(|err| format!("'{text}' is not a valid filter: {err}"))?;
+    Ok(text.to_owned())
 }
 
 fn parse_header_size(text: &str) -> Result<usize, String> {
@@ -279,6 +389,50 @@ mod tests {
         assert!(parse_size("0").is_err());
         assert!(parse_size("12 parsecs").is_err());
         assert!(parse_size("1000000MiB").is_err());
+    }
+
+    #[test]
+    fn strict_values() {
+        assert!(parse_keepalive("10h").is_err());
+        assert!(parse_keepalive("1ms").is_err());
+        assert!(parse_keepalive("1500ms").is_err());
+        assert_eq!(parse_keepalive("0s"), Ok(Duration::ZERO));
+        assert_eq!(parse_keepalive("32767s"), Ok(Duration::from_secs(32767)));
+        assert_eq!(parse_rate("100KiB"), Ok(102_400));
+        assert_eq!(parse_rate("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_rate("7"), Ok(7));
+        assert!(parse_rate("2GiB").is_err());
+        assert!(parse_rate("0").is_err());
+        for bad in [
+            "warning",
+            "verbose",
+            ",",
+            "",
+            "info,",
+            "foo=bar=baz",
+            "info,[{",
+            "=info",
+        ] {
+            assert!(parse_log_filter(bad).is_err(), "{bad:?} was accepted");
+        }
+        for good in [
+            "info",
+            "WARN",
+            "info,echo_service=debug",
+            "echo_service::server=trace",
+        ] {
+            assert_eq!(parse_log_filter(good).as_deref(), Ok(good), "{good:?}");
+        }
+        assert!(parse_duration("-1s").unwrap_err().contains("negative"));
+        let clash = |listen: &str, admin: &str| {
+            Config::try_parse_from(["echo-service", "--listen", listen, "--admin-listen", admin])
+                .unwrap()
+                .validate()
+        };
+        assert!(clash("[::]:8000", "0.0.0.0:8000").is_err());
+        assert!(clash("127.0.0.1:8000", "127.0.0.1:8000").is_err());
+        assert!(clash("127.0.0.1:8000", "127.0.0.2:8000").is_ok());
+        assert!(clash("127.0.0.1:0", "127.0.0.1:0").is_ok());
     }
 
     #[test]

@@ -24,7 +24,10 @@
 //! - [`telemetry`]: Prometheus metrics, logs, OTLP spans, the instrumented factory.
 //! - [`admin`]: the admin HTTP server.
 //! - [`config`]: flags and `ECHO_*` variables.
-//! - [`signal`]: SIGTERM and SIGINT handling.
+//! - [`signal`]: SIGTERM and SIGINT start the drain; SIGHUP and SIGUSR1/2 are logged and
+//!   ignored.
+//! - [`fd_limit`]: raise RLIMIT_NOFILE and derive the default connection limit from it, with a
+//!   reserve for the admin port.
 //! - [`echo`]: the echo protocol and factory.
 //!
 //! Data flows one way: socket → server → (policies → instrumentation) → protocol → transport
@@ -40,6 +43,7 @@ pub mod config;
 pub mod connection;
 pub mod echo;
 pub mod factory;
+pub mod fd_limit;
 pub mod policies;
 pub mod protocol;
 pub mod server;

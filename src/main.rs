@@ -3,16 +3,28 @@
 
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Parser;
 
 use echo_service::admin::{self, Admin};
 use echo_service::policies::{ConnectionLimit, PeerConnectionLimit};
-use echo_service::signal::ShutdownSignals;
-use echo_service::telemetry::{init_tracing, InstrumentedFactory, Metrics};
-use echo_service::{server, Config, EchoFactory, Server, ServiceState};
+use echo_service::signal::{IgnoredSignals, ShutdownSignals};
+use echo_service::telemetry::{init_tracing, InstrumentedFactory, Metrics, StdoutLog};
+use echo_service::{fd_limit, server, Config, EchoFactory, Server, ServiceState};
 
 fn main() -> ExitCode {
+    // An empty `ECHO_*` variable (`ECHO_LOG_LEVEL=`, a blank Helm value) means "not set", as
+    // for the OTEL_* variables; still single-threaded here, so changing the environment is safe.
+    let empty: Vec<_> = std::env::vars_os()
+        .filter(|(key, value)| {
+            key.to_str().is_some_and(|k| k.starts_with("ECHO_")) && value.is_empty()
+        })
+        .map(|(key, _)| key)
+        .collect();
+    for key in empty {
+        std::env::remove_var(key);
+    }
     let config = match Config::try_parse() {
         Ok(config) => config,
         Err(err) if !err.use_stderr() => {
@@ -37,6 +49,13 @@ fn main() -> ExitCode {
         eprintln!("error: {message}");
         return ExitCode::from(2);
     }
+    let log = match StdoutLog::start(config.log_buffer_size) {
+        Ok(log) => log,
+        Err(err) => {
+            eprintln!("error: could not start the log writer: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -47,19 +66,86 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config)) {
+    let result = runtime.block_on(run(config, log.clone()));
+    // Whatever stdout's reader does, exit within this bound; lines it never took are lost.
+    log.flush(LOG_FLUSH_TIMEOUT);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
+        Err(RunError::Config(message)) => {
+            eprintln!("error: {message}");
+            ExitCode::from(2)
+        }
+        Err(RunError::Failed(message)) => {
             eprintln!("error: {message}");
             ExitCode::FAILURE
         }
     }
 }
 
-async fn run(config: Config) -> Result<(), String> {
-    let tracing = init_tracing(&config.log_level, config.log_format, config.otlp_settings())
-        .map_err(|err| err.to_string())?;
-    let state = Arc::new(ServiceState::new(config.max_connections));
+/// `--max-connections`, or when unset the limit derived from RLIMIT_NOFILE (raised to its hard
+/// limit first), so echo connections can never take the admin port's descriptors.
+fn connection_limit(config: &Config) -> Option<u64> {
+    let nofile = match fd_limit::raise_nofile() {
+        Ok(limit) => {
+            if limit.now > limit.before {
+                tracing::info!(
+                    from = limit.before,
+                    to = limit.now,
+                    "raised the RLIMIT_NOFILE soft limit to the hard limit"
+                );
+            }
+            limit.now
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "could not read or raise RLIMIT_NOFILE");
+            return config.max_connections;
+        }
+    };
+    if config.max_connections.is_some() {
+        return config.max_connections;
+    }
+    let derived = fd_limit::default_max_connections(nofile, config.admin_max_connections);
+    match derived {
+        Some(limit) => tracing::info!(
+            max_connections = limit,
+            rlimit_nofile = nofile,
+            reserve = fd_limit::reserve(config.admin_max_connections),
+            "no --max-connections: derived from RLIMIT_NOFILE minus the reserve"
+        ),
+        None => tracing::warn!(
+            rlimit_nofile = nofile,
+            reserve = fd_limit::reserve(config.admin_max_connections),
+            "RLIMIT_NOFILE leaves no room beyond the reserve: no connection limit; raise it (ulimit -n)"
+        ),
+    }
+    derived
+}
+
+/// How long the process waits at exit for queued log lines to reach stdout.
+const LOG_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Why the service stopped early: a setting it cannot use (exit 2), or a failure (exit 1).
+enum RunError {
+    Config(String),
+    Failed(String),
+}
+
+impl From<String> for RunError {
+    fn from(message: String) -> Self {
+        RunError::Failed(message)
+    }
+}
+
+async fn run(config: Config, log: StdoutLog) -> Result<(), RunError> {
+    let tracing = init_tracing(
+        &config.log_level,
+        config.log_format,
+        log,
+        config.otlp_settings(),
+    )
+    .map_err(|err| RunError::Config(err.to_string()))?;
+    let max_connections = connection_limit(&config);
+    let state = Arc::new(ServiceState::new(max_connections));
     let metrics = Metrics::register(&state).map_err(|err| format!("metrics: {err}"))?;
     let traffic = metrics.traffic.clone();
 
@@ -76,6 +162,9 @@ async fn run(config: Config) -> Result<(), String> {
         .map_err(|err| format!("admin listener: {err}"))?;
     let mut signals = ShutdownSignals::install()
         .map_err(|err| format!("cannot install signal handlers: {err}"))?;
+    let ignored = IgnoredSignals::install()
+        .map_err(|err| format!("cannot install signal handlers: {err}"))?;
+    tokio::spawn(ignored.log_forever());
 
     tokio::spawn(admin::serve(
         admin_listener,
@@ -108,8 +197,8 @@ async fn run(config: Config) -> Result<(), String> {
         let signal = signals.recv().await;
         tracing::info!(signal, "shutdown requested; a second signal exits at once");
         tokio::spawn(async move {
-            let signal = signals.recv().await;
-            tracing::warn!(signal, "second signal: exiting now");
+            signals.recv().await;
+            // Nothing first, not even a log line: this is the operator's way out.
             std::process::exit(1);
         });
     };

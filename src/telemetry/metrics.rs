@@ -8,7 +8,10 @@
 
 use std::sync::Arc;
 
-use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
 
 use crate::state::ServiceState;
 
@@ -33,11 +36,56 @@ pub struct TrafficMetrics {
     pub duration: Histogram,
 }
 
+/// The admin port's own connection metrics.
+#[derive(Debug)]
+pub struct AdminMetrics {
+    /// `echo_admin_connections_active`: admin connections open now.
+    pub active: IntGauge,
+    /// `echo_admin_connections_rejected_total{reason="limit"}`: closed at once at the cap.
+    pub refused: IntCounter,
+    /// `echo_admin_connections_rejected_total{reason="evicted"}`: closed to make room for a
+    /// peer holding fewer admin connections.
+    pub evicted: IntCounter,
+    /// `echo_admin_accept_errors_total`: failed `accept()` calls on the admin port.
+    pub accept_errors: IntCounter,
+}
+
+impl AdminMetrics {
+    fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let active = IntGauge::new(
+            "echo_admin_connections_active",
+            "Admin (metrics and health) connections open now.",
+        )?;
+        let rejected = IntCounterVec::new(
+            Opts::new(
+                "echo_admin_connections_rejected_total",
+                "Admin connections closed by --admin-max-connections: refused at once (limit) or closed to make room for another peer (evicted).",
+            ),
+            &["reason"],
+        )?;
+        let accept_errors = IntCounter::new(
+            "echo_admin_accept_errors_total",
+            "accept() calls on the admin port that failed (EMFILE, ENFILE, ...).",
+        )?;
+        registry.register(Box::new(active.clone()))?;
+        registry.register(Box::new(rejected.clone()))?;
+        registry.register(Box::new(accept_errors.clone()))?;
+        Ok(AdminMetrics {
+            active,
+            refused: rejected.with_label_values(&["limit"]),
+            evicted: rejected.with_label_values(&["evicted"]),
+            accept_errors,
+        })
+    }
+}
+
 /// The registry with everything in it, plus the handles the hot path needs.
 pub struct Metrics {
     registry: Registry,
     /// Handed to the instrumented factory.
     pub traffic: Arc<TrafficMetrics>,
+    /// The admin server's own counters.
+    pub admin: AdminMetrics,
 }
 
 impl Metrics {
@@ -79,13 +127,16 @@ impl Metrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
         registry.register(Box::new(build_info))?;
+        registry.register(Box::new(super::log_writer::lines_dropped().clone()))?;
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
 
+        let admin = AdminMetrics::register(&registry)?;
         Ok(Metrics {
             registry,
             traffic: Arc::new(traffic),
+            admin,
         })
     }
 
@@ -122,6 +173,11 @@ mod tests {
             "echo_connection_duration_seconds_bucket{le=\"3600\"}",
             "echo_accept_errors_total",
             "echo_build_info{version=\"",
+            "echo_log_lines_dropped_total",
+            "echo_admin_connections_rejected_total{reason=\"evicted\"} 0",
+            "echo_admin_connections_rejected_total{reason=\"limit\"} 0",
+            "echo_admin_connections_active",
+            "echo_admin_accept_errors_total",
             "process_resident_memory_bytes",
             "process_open_fds",
         ] {

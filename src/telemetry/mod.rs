@@ -5,11 +5,13 @@
 //! server reads them. Nothing here feeds back into how connections are served.
 
 mod instrumented;
+mod log_writer;
 mod metrics;
 mod tracing_setup;
 
 pub use instrumented::{
     InstrumentedFactory, InstrumentedProtocol, CONNECTION_TARGET, LIFECYCLE_LOG_TARGET,
 };
+pub use log_writer::StdoutLog;
 pub use metrics::{Metrics, TrafficMetrics, TEXT_CONTENT_TYPE};
 pub use tracing_setup::{init_tracing, LogFormat, OtlpSettings, TracingGuard, TracingSetupError};

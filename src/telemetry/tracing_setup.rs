@@ -1,10 +1,10 @@
 //! Logging and span export setup: `tracing-subscriber` for logs, OpenTelemetry over OTLP for
 //! connection spans.
 //!
-//! Logs go to stdout as text or JSON, filtered by `--log-level` (RUST_LOG syntax). Spans of
-//! target [`CONNECTION_TARGET`] are exported over OTLP when, and only when, an endpoint is
-//! configured with the standard variables (`OTEL_EXPORTER_OTLP_ENDPOINT` or
-//! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`); otherwise no exporter exists and nothing is
+//! Logs go to stdout as text or JSON, filtered by `--log-level` (RUST_LOG syntax), through the
+//! non-blocking [`StdoutLog`]. Spans of target [`CONNECTION_TARGET`] are exported over OTLP
+//! when, and only when, an endpoint is configured with the standard variables
+//! (`OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`); otherwise no exporter exists and nothing is
 //! attempted. `OTEL_SDK_DISABLED=true` and `OTEL_TRACES_EXPORTER=none` turn export off (the
 //! Rust SDK does not read those itself). Protocol, service name, resource attributes, sampler
 //! and batch sizes come from the SDK's own handling of `OTEL_EXPORTER_OTLP_PROTOCOL`,
@@ -31,6 +31,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
 
 use super::instrumented::CONNECTION_TARGET;
+use super::log_writer::StdoutLog;
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -90,12 +91,13 @@ impl TracingGuard {
     }
 }
 
-/// Install the global subscriber: logs filtered by `log_filter`, plus the OTLP layer when the
-/// environment configures an endpoint. Must run inside the tokio runtime (the gRPC exporter
-/// spawns onto it).
+/// Install the global subscriber: logs filtered by `log_filter` and written to `log` (never
+/// blocking), plus the OTLP layer when the environment configures an endpoint. Must run inside
+/// the tokio runtime (the gRPC exporter spawns onto it).
 pub fn init_tracing(
     log_filter: &str,
     format: LogFormat,
+    log: StdoutLog,
     otlp: OtlpSettings,
 ) -> Result<TracingGuard, TracingSetupError> {
     let filter = EnvFilter::builder().parse(log_filter).map_err(|err| {
@@ -105,9 +107,11 @@ pub fn init_tracing(
     })?;
     let fmt_layer = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(log)
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
+            .with_writer(log)
             .json()
             .with_current_span(true)
             .with_span_list(false)
