@@ -149,3 +149,74 @@ fn help_lists_every_setting_with_its_environment_variable() {
     }
     assert!(help.contains("[default: [::]:8000]"), "{help}");
 }
+
+/// The settings that used to start anyway, or exit 1, or fail without naming themselves: each
+/// now exits 2 with one line naming the setting.
+#[test]
+fn strict_settings_exit_2_naming_the_setting() {
+    let cases: &[BadSetting] = &[
+        (&["--tcp-keepalive", "10h"], &[], "--tcp-keepalive"),
+        (&["--tcp-keepalive", "1ms"], &[], "--tcp-keepalive"),
+        (&["--log-level", "foo=bar=baz"], &[], "--log-level"),
+        (&["--log-level", "info,[{"], &[], "--log-level"),
+        (&["--log-level", "warning"], &[], "--log-level"),
+        (&["--log-level", "verbose"], &[], "--log-level"),
+        (&["--log-level", ","], &[], "--log-level"),
+        (&["--shutdown-timeout", "-1s"], &[], "--shutdown-timeout"),
+        (&["--read-buffer-size", "-5"], &[], "--read-buffer-size"),
+        (
+            &["--max-connections", "9223372036854775808"],
+            &[],
+            "--max-connections",
+        ),
+        (
+            &["--admin-max-connections", "0"],
+            &[],
+            "--admin-max-connections",
+        ),
+        (
+            &[
+                "--listen",
+                "127.0.0.1:18000",
+                "--admin-listen",
+                "[::]:18000",
+            ],
+            &[],
+            "--admin-listen",
+        ),
+        (
+            &["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"],
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "carrier-pigeon"),
+            ],
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+        ),
+    ];
+    for (args, env, named) in cases {
+        let (code, stderr) = run(args, env);
+        let stderr = stderr.trim();
+        assert_eq!(code, 2, "{args:?} {env:?}: exit {code}: {stderr}");
+        assert!(
+            stderr.contains(named),
+            "{args:?}: does not name {named}: {stderr:?}"
+        );
+        assert_eq!(
+            stderr.lines().count(),
+            1,
+            "{args:?}: not one line: {stderr:?}"
+        );
+    }
+}
+
+/// Values that used to be refused although they are fine, and an empty variable that used to
+/// turn logging off: all start.
+#[test]
+fn units_everywhere_and_empty_variables_are_unset() {
+    let service = crate::support::Service::start_with_env(
+        &["--throttle-bytes-per-second", "100KiB"],
+        &[("ECHO_LOG_LEVEL", ""), ("ECHO_IDLE_TIMEOUT", "")],
+    );
+    // The serving line was logged, so the empty ECHO_LOG_LEVEL fell back to `info`.
+    assert_eq!(service.admin_get("/healthz").status, 200);
+}
