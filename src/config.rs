@@ -143,6 +143,17 @@ pub struct Config {
     /// closed at once. Both are counted in `echo_admin_connections_rejected_total`.
     #[arg(long, env = "ECHO_ADMIN_MAX_CONNECTIONS", default_value = "64", value_parser = clap::value_parser!(u32).range(1..=65536), allow_negative_numbers = true, value_name = "N")]
     pub admin_max_connections: u32,
+
+    /// UDP echo ports (off unless given): repeat the flag or separate addresses with commas.
+    /// Every datagram goes back to its sender unchanged; replies the socket cannot take are
+    /// dropped and counted (UDP has no backpressure).
+    #[arg(
+        long,
+        env = "ECHO_UDP_LISTEN",
+        value_delimiter = ',',
+        value_name = "ADDR"
+    )]
+    pub udp_listen: Vec<SocketAddr>,
 }
 
 /// The largest `--max-connections` accepted (far above any file descriptor limit).

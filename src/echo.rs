@@ -1,6 +1,9 @@
 //! The echo protocol: every byte received is written back. That is the whole service; the rest
 //! of the crate is the framework, the policies and the telemetry around it.
 
+use std::net::SocketAddr;
+
+use crate::datagram::{DatagramProtocol, DatagramTransport};
 use crate::factory::{ConnectionInfo, Factory, Refusal};
 use crate::protocol::Protocol;
 use crate::transport::Transport;
@@ -27,10 +30,39 @@ impl Factory for EchoFactory {
     }
 }
 
+/// Sends every datagram back to its sender, unchanged (empty ones too).
+#[derive(Debug, Default)]
+pub struct EchoDatagram;
+
+impl DatagramProtocol for EchoDatagram {
+    fn datagram_received(
+        &mut self,
+        data: &[u8],
+        peer: SocketAddr,
+        transport: &mut dyn DatagramTransport,
+    ) {
+        transport.write(data, peer);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::datagram::MemoryDatagramTransport;
     use crate::transport::MemoryTransport;
+
+    #[test]
+    fn datagrams_go_back_to_their_senders_unchanged() {
+        let (a, b) = (
+            SocketAddr::from(([10, 0, 0, 1], 5000)),
+            SocketAddr::from(([10, 0, 0, 2], 6000)),
+        );
+        let mut echo = EchoDatagram;
+        let mut transport = MemoryDatagramTransport::default();
+        echo.datagram_received(b"one", a, &mut transport);
+        echo.datagram_received(b"", b, &mut transport);
+        assert_eq!(transport.sent, vec![(b"one".to_vec(), a), (Vec::new(), b)]);
+    }
 
     #[test]
     fn echoes_bytes_fed_one_at_a_time() {

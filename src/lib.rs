@@ -28,7 +28,9 @@
 //!   ignored.
 //! - [`fd_limit`]: raise RLIMIT_NOFILE and derive the default connection limit from it, with a
 //!   reserve for the admin port.
-//! - [`echo`]: the echo protocol and factory.
+//! - [`echo`]: the echo protocol and factory, and the echo datagram protocol.
+//! - [`datagram`]: the `DatagramProtocol` / `DatagramTransport` traits (Twisted's UDP side).
+//! - [`udp`]: the UDP server: one task per socket, replies sent now or dropped and counted.
 //!
 //! Data flows one way: socket → server → (policies → instrumentation) → protocol → transport
 //! → socket; telemetry and the admin server read the shared state, never the other way round.
@@ -41,6 +43,7 @@ mod accept;
 pub mod admin;
 pub mod config;
 pub mod connection;
+pub mod datagram;
 pub mod echo;
 pub mod factory;
 pub mod fd_limit;
@@ -51,6 +54,7 @@ pub mod signal;
 pub mod state;
 pub mod telemetry;
 pub mod transport;
+pub mod udp;
 
 pub use config::Config;
 pub use connection::ConnectionSettings;

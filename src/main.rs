@@ -8,9 +8,11 @@ use std::time::Duration;
 use clap::Parser;
 
 use echo_service::admin::{self, Admin};
+use echo_service::echo::EchoDatagram;
 use echo_service::policies::{ConnectionLimit, PeerConnectionLimit};
 use echo_service::signal::{IgnoredSignals, ShutdownSignals};
 use echo_service::telemetry::{init_tracing, InstrumentedFactory, Metrics, StdoutLog};
+use echo_service::udp::{self, UdpServer};
 use echo_service::{fd_limit, server, Config, EchoFactory, Server, ServiceState};
 
 fn main() -> ExitCode {
@@ -121,6 +123,16 @@ fn connection_limit(config: &Config) -> Option<u64> {
     derived
 }
 
+/// The `listener` label of a listener of `kind`: the kind alone when it is the only one of its
+/// kind, else `kind:port`.
+fn listener_name(kind: &str, local: std::net::SocketAddr, of_kind: usize) -> String {
+    if of_kind > 1 {
+        format!("{kind}:{}", local.port())
+    } else {
+        kind.to_owned()
+    }
+}
+
 /// How long the process waits at exit for queued log lines to reach stdout.
 const LOG_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -165,6 +177,18 @@ async fn run(config: Config, log: StdoutLog) -> Result<(), RunError> {
     let ignored = IgnoredSignals::install()
         .map_err(|err| format!("cannot install signal handlers: {err}"))?;
     tokio::spawn(ignored.log_forever());
+
+    for &addr in &config.udp_listen {
+        let socket = udp::bind(addr)
+            .map_err(|err| format!("cannot listen on '--udp-listen {addr}': {err}"))?;
+        let local = socket
+            .local_addr()
+            .map_err(|err| format!("UDP listener: {err}"))?;
+        let name = listener_name("udp", local, config.udp_listen.len());
+        let counters = metrics.datagrams.listener(&name);
+        tracing::info!(udp = %local, listener = %name, "UDP echo serving");
+        tokio::spawn(UdpServer::new(socket, EchoDatagram, counters, traffic.clone()).run());
+    }
 
     tokio::spawn(admin::serve(
         admin_listener,

@@ -238,7 +238,7 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
 }
 
 /// The IPv4 wildcard to use instead of `addr` when binding it failed because IPv6 is missing.
-fn ipv4_fallback(addr: SocketAddr, err: &io::Error) -> Option<SocketAddr> {
+pub(crate) fn ipv4_fallback(addr: SocketAddr, err: &io::Error) -> Option<SocketAddr> {
     let ipv6_missing = matches!(
         err.raw_os_error(),
         Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL | libc::EPROTONOSUPPORT)

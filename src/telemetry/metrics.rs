@@ -79,6 +79,79 @@ impl AdminMetrics {
     }
 }
 
+/// The datagram counters of every UDP listener, labelled by `listener`.
+#[derive(Debug)]
+pub struct DatagramFamilies {
+    received: IntCounterVec,
+    sent: IntCounterVec,
+    dropped: IntCounterVec,
+    receive_errors: IntCounterVec,
+}
+
+/// One UDP listener's datagram counters.
+#[derive(Debug, Clone)]
+pub struct DatagramMetrics {
+    /// `echo_datagrams_received_total{listener}`.
+    pub received: IntCounter,
+    /// `echo_datagrams_sent_total{listener}`.
+    pub sent: IntCounter,
+    /// `echo_datagrams_dropped_total{listener, reason="would_block"}`: the socket's send
+    /// buffer was full.
+    pub dropped_would_block: IntCounter,
+    /// `echo_datagrams_dropped_total{listener, reason="no_buffers"}`: ENOBUFS or ENOMEM.
+    pub dropped_no_buffers: IntCounter,
+    /// `echo_datagrams_dropped_total{listener, reason="error"}`: any other send error.
+    pub dropped_error: IntCounter,
+    /// `echo_datagram_receive_errors_total{listener}`: failed receives.
+    pub receive_errors: IntCounter,
+}
+
+impl DatagramFamilies {
+    fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let family =
+            |name: &str, help: &str, labels: &[&str]| -> prometheus::Result<IntCounterVec> {
+                let vec = IntCounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(vec.clone()))?;
+                Ok(vec)
+            };
+        Ok(DatagramFamilies {
+            received: family(
+                "echo_datagrams_received_total",
+                "UDP datagrams received, by listener.",
+                &["listener"],
+            )?,
+            sent: family(
+                "echo_datagrams_sent_total",
+                "UDP datagrams sent, by listener.",
+                &["listener"],
+            )?,
+            dropped: family(
+                "echo_datagrams_dropped_total",
+                "UDP replies dropped because the socket could not take them (UDP has no backpressure), by listener and reason.",
+                &["listener", "reason"],
+            )?,
+            receive_errors: family(
+                "echo_datagram_receive_errors_total",
+                "Failed UDP receives, by listener.",
+                &["listener"],
+            )?,
+        })
+    }
+
+    /// The counters of the listener named `listener` (`udp`, or `udp:PORT` when there are
+    /// several), created at zero so dashboards see them before the first datagram.
+    pub fn listener(&self, listener: &str) -> DatagramMetrics {
+        DatagramMetrics {
+            received: self.received.with_label_values(&[listener]),
+            sent: self.sent.with_label_values(&[listener]),
+            dropped_would_block: self.dropped.with_label_values(&[listener, "would_block"]),
+            dropped_no_buffers: self.dropped.with_label_values(&[listener, "no_buffers"]),
+            dropped_error: self.dropped.with_label_values(&[listener, "error"]),
+            receive_errors: self.receive_errors.with_label_values(&[listener]),
+        }
+    }
+}
+
 /// The registry with everything in it, plus the handles the hot path needs.
 pub struct Metrics {
     registry: Registry,
@@ -86,6 +159,8 @@ pub struct Metrics {
     pub traffic: Arc<TrafficMetrics>,
     /// The admin server's own counters.
     pub admin: AdminMetrics,
+    /// The UDP listeners' counters.
+    pub datagrams: DatagramFamilies,
 }
 
 impl Metrics {
@@ -133,10 +208,12 @@ impl Metrics {
         ))?;
 
         let admin = AdminMetrics::register(&registry)?;
+        let datagrams = DatagramFamilies::register(&registry)?;
         Ok(Metrics {
             registry,
             traffic: Arc::new(traffic),
             admin,
+            datagrams,
         })
     }
 

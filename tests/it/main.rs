@@ -13,3 +13,4 @@ mod otlp_receiver;
 mod policies;
 mod support;
 mod tracing;
+mod udp;
