@@ -6,6 +6,7 @@
 //! bytes with an optional `KiB`/`MiB` suffix.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
@@ -14,6 +15,7 @@ use crate::admin::AdminSettings;
 use crate::connection::ConnectionSettings;
 use crate::server::DrainSettings;
 use crate::telemetry::{LogFormat, OtlpSettings};
+use crate::tls::{ClientAuth, TlsSettings};
 
 /// An observable TCP echo server: every byte received is sent back.
 #[derive(Debug, Clone, Parser)]
@@ -154,6 +156,56 @@ pub struct Config {
         value_name = "ADDR"
     )]
     pub udp_listen: Vec<SocketAddr>,
+
+    /// TLS echo ports (off unless given): repeat the flag or separate addresses with commas.
+    /// Needs --tls-cert and --tls-key.
+    #[arg(
+        long,
+        env = "ECHO_TLS_LISTEN",
+        value_delimiter = ',',
+        value_name = "ADDR"
+    )]
+    pub tls_listen: Vec<SocketAddr>,
+
+    /// The TLS certificate chain, PEM, leaf first. Re-read when it changes.
+    #[arg(long, env = "ECHO_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The TLS private key, PEM (PKCS#8, PKCS#1 or SEC1; RSA, ECDSA or Ed25519).
+    #[arg(long, env = "ECHO_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+
+    /// CA certificates (PEM) for client certificates: turns on mutual TLS.
+    #[arg(long, env = "ECHO_TLS_CLIENT_CA", value_name = "FILE")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// With --tls-client-ca: refuse clients without a valid certificate (`required`) or only
+    /// verify those that present one (`optional`).
+    #[arg(
+        long,
+        env = "ECHO_TLS_CLIENT_AUTH",
+        value_enum,
+        default_value = "required"
+    )]
+    pub tls_client_auth: ClientAuth,
+
+    /// ALPN protocols to offer, comma-separated, in preference order (e.g. `h2,http/1.1`).
+    /// Unset: accept any client and negotiate nothing.
+    #[arg(
+        long,
+        env = "ECHO_TLS_ALPN",
+        value_delimiter = ',',
+        value_name = "PROTOCOLS"
+    )]
+    pub tls_alpn: Vec<String>,
+
+    /// Close TLS connections whose handshake is not complete after this long.
+    #[arg(long, env = "ECHO_TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration, allow_hyphen_values = true, value_name = "DURATION")]
+    pub tls_handshake_timeout: Duration,
+
+    /// How often the certificate files are checked for changes (SIGHUP checks at once).
+    #[arg(long, env = "ECHO_TLS_RELOAD_INTERVAL", default_value = "5s", value_parser = parse_positive_duration, allow_hyphen_values = true, value_name = "DURATION")]
+    pub tls_reload_interval: Duration,
 }
 
 /// The largest `--max-connections` accepted (far above any file descriptor limit).
@@ -162,6 +214,16 @@ pub const MAX_CONNECTIONS_CEILING: u64 = 100_000_000;
 impl Config {
     /// Checks that involve more than one setting; the error names them.
     pub fn validate(&self) -> Result<(), String> {
+        if !self.tls_listen.is_empty() && (self.tls_cert.is_none() || self.tls_key.is_none()) {
+            return Err("'--tls-listen' needs '--tls-cert' and '--tls-key' (PEM files)".to_owned());
+        }
+        if self.tls_listen.is_empty()
+            && (self.tls_cert.is_some() || self.tls_key.is_some() || self.tls_client_ca.is_some())
+        {
+            return Err(
+                "'--tls-cert', '--tls-key' and '--tls-client-ca' need '--tls-listen'".to_owned(),
+            );
+        }
         if self.listen.port() != 0 && same_socket(self.listen, self.admin_listen) {
             return Err(format!(
                 "invalid value for '--admin-listen': {} is the same port as --listen {}",
@@ -210,6 +272,22 @@ impl Config {
             max_header_bytes: self.admin_max_header_bytes,
             max_connections: self.admin_max_connections as usize,
         }
+    }
+
+    /// The TLS listeners' settings, when there are TLS listeners.
+    pub fn tls_settings(&self) -> Option<TlsSettings> {
+        if self.tls_listen.is_empty() {
+            return None;
+        }
+        Some(TlsSettings {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            client_ca: self.tls_client_ca.clone(),
+            client_auth: self.tls_client_auth,
+            alpn: self.tls_alpn.clone(),
+            handshake_timeout: self.tls_handshake_timeout,
+            reload_interval: self.tls_reload_interval,
+        })
     }
 
     /// OTLP settings of ours.

@@ -30,6 +30,8 @@
 //!   reserve for the admin port.
 //! - [`echo`]: the echo protocol and factory, and the echo datagram protocol.
 //! - [`datagram`]: the `DatagramProtocol` / `DatagramTransport` traits (Twisted's UDP side).
+//! - [`tls`]: TLS as a wrapping protocol over rustls's sans-I/O session, with certificate
+//!   reload and the TLS metrics.
 //! - [`udp`]: the UDP server: one task per socket, replies sent now or dropped and counted.
 //!
 //! Data flows one way: socket → server → (policies → instrumentation) → protocol → transport
@@ -53,6 +55,7 @@ pub mod server;
 pub mod signal;
 pub mod state;
 pub mod telemetry;
+pub mod tls;
 pub mod transport;
 pub mod udp;
 

@@ -12,6 +12,7 @@ use echo_service::echo::EchoDatagram;
 use echo_service::policies::{ConnectionLimit, PeerConnectionLimit};
 use echo_service::signal::{IgnoredSignals, ShutdownSignals};
 use echo_service::telemetry::{init_tracing, InstrumentedFactory, Metrics, StdoutLog};
+use echo_service::tls::{CertStore, TlsFactory};
 use echo_service::udp::{self, UdpServer};
 use echo_service::{fd_limit, server, Config, EchoFactory, Server, ServiceState};
 
@@ -123,6 +124,35 @@ fn connection_limit(config: &Config) -> Option<u64> {
     derived
 }
 
+/// The shutdown signal, told to every server: the first SIGTERM/SIGINT starts the drain of all
+/// of them; a second one exits at once.
+struct ShutdownBroadcast {
+    requested: tokio::sync::watch::Receiver<bool>,
+}
+
+impl ShutdownBroadcast {
+    fn start(mut signals: ShutdownSignals) -> Self {
+        let (tell, requested) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            let signal = signals.recv().await;
+            tracing::info!(signal, "shutdown requested; a second signal exits at once");
+            let _ = tell.send(true);
+            signals.recv().await;
+            // Nothing first, not even a log line: this is the operator's way out.
+            std::process::exit(1);
+        });
+        ShutdownBroadcast { requested }
+    }
+
+    /// Completes when shutdown was requested.
+    fn wait(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut requested = self.requested.clone();
+        async move {
+            let _ = requested.wait_for(|&yes| yes).await;
+        }
+    }
+}
+
 /// The `listener` label of a listener of `kind`: the kind alone when it is the only one of its
 /// kind, else `kind:port`.
 fn listener_name(kind: &str, local: std::net::SocketAddr, of_kind: usize) -> String {
@@ -172,11 +202,10 @@ async fn run(config: Config, log: StdoutLog) -> Result<(), RunError> {
     let admin_addr = admin_listener
         .local_addr()
         .map_err(|err| format!("admin listener: {err}"))?;
-    let mut signals = ShutdownSignals::install()
+    let signals = ShutdownSignals::install()
         .map_err(|err| format!("cannot install signal handlers: {err}"))?;
-    let ignored = IgnoredSignals::install()
+    let other_signals = IgnoredSignals::install()
         .map_err(|err| format!("cannot install signal handlers: {err}"))?;
-    tokio::spawn(ignored.log_forever());
 
     for &addr in &config.udp_listen {
         let socket = udp::bind(addr)
@@ -190,25 +219,40 @@ async fn run(config: Config, log: StdoutLog) -> Result<(), RunError> {
         tokio::spawn(UdpServer::new(socket, EchoDatagram, counters, traffic.clone()).run());
     }
 
+    // TLS listeners: bound and loaded before serving, so a bad certificate is a startup error.
+    let mut tls_listeners = Vec::new();
+    let mut cert_stores = Vec::new();
+    if let Some(tls_settings) = config.tls_settings() {
+        for &addr in &config.tls_listen {
+            let listener = server::bind(addr, config.listen_backlog)
+                .map_err(|err| format!("cannot listen on '--tls-listen {addr}': {err}"))?;
+            let local = listener
+                .local_addr()
+                .map_err(|err| format!("TLS listener: {err}"))?;
+            let name = listener_name("tls", local, config.tls_listen.len());
+            let store = CertStore::load(tls_settings.clone(), metrics.tls.listener(&name))
+                .map_err(RunError::Config)?;
+            tokio::spawn(store.clone().watch());
+            tracing::info!(tls = %local, listener = %name, "TLS echo serving");
+            cert_stores.push(store.clone());
+            tls_listeners.push((listener, store));
+        }
+    }
+    let on_hangup: Option<Box<dyn Fn() + Send>> = (!cert_stores.is_empty()).then(|| {
+        Box::new(move || {
+            for store in &cert_stores {
+                store.reload_if_changed();
+            }
+        }) as Box<dyn Fn() + Send>
+    });
+    tokio::spawn(other_signals.handle_forever(on_hangup));
+
     tokio::spawn(admin::serve(
         admin_listener,
         Arc::new(Admin::new(state.clone(), metrics)),
         config.admin_settings(),
     ));
 
-    let factory = InstrumentedFactory::new(
-        ConnectionLimit::new(
-            PeerConnectionLimit::new(EchoFactory, config.max_connections_per_peer),
-            state.clone(),
-        ),
-        traffic,
-    );
-    let server = Server::new(
-        factory,
-        state,
-        config.connection_settings(),
-        config.drain_settings(),
-    );
     tracing::info!(
         listen = %listener.local_addr().map_err(|e| e.to_string())?,
         admin = %admin_addr,
@@ -217,20 +261,50 @@ async fn run(config: Config, log: StdoutLog) -> Result<(), RunError> {
         "echo-service serving"
     );
 
-    let shutdown = async move {
-        let signal = signals.recv().await;
-        tracing::info!(signal, "shutdown requested; a second signal exits at once");
-        tokio::spawn(async move {
-            signals.recv().await;
-            // Nothing first, not even a log line: this is the operator's way out.
-            std::process::exit(1);
-        });
-    };
-    // Run the accept loop on a worker thread, not on this block_on thread: connection tasks it
-    // spawns then start on the same worker without a cross-thread wake-up per accept.
-    tokio::spawn(server.run(listener, shutdown))
-        .await
-        .map_err(|err| format!("server task failed: {err}"))?;
+    let shutdown = ShutdownBroadcast::start(signals);
+    // Run the accept loops on worker threads, not on this block_on thread: connection tasks
+    // they spawn then start on the same worker without a cross-thread wake-up per accept.
+    let mut servers = Vec::new();
+    let factory = InstrumentedFactory::new(
+        ConnectionLimit::new(
+            PeerConnectionLimit::new(EchoFactory, config.max_connections_per_peer),
+            state.clone(),
+        ),
+        traffic.clone(),
+    );
+    let server = Server::new(
+        factory,
+        state.clone(),
+        config.connection_settings(),
+        config.drain_settings(),
+    );
+    servers.push(tokio::spawn(server.run(listener, shutdown.wait())));
+    for (listener, store) in tls_listeners {
+        // TLS outside the instrumentation: spans and byte counts see the plaintext echo, and
+        // the span covers the handshake.
+        let factory = ConnectionLimit::new(
+            PeerConnectionLimit::new(
+                TlsFactory::new(
+                    InstrumentedFactory::new(EchoFactory, traffic.clone()),
+                    store,
+                ),
+                config.max_connections_per_peer,
+            ),
+            state.clone(),
+        );
+        let server = Server::new(
+            factory,
+            state.clone(),
+            config.connection_settings(),
+            config.drain_settings(),
+        );
+        servers.push(tokio::spawn(server.run(listener, shutdown.wait())));
+    }
+    for server in servers {
+        server
+            .await
+            .map_err(|err| format!("server task failed: {err}"))?;
+    }
     tracing.shutdown().await;
     Ok(())
 }

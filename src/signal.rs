@@ -1,7 +1,8 @@
 //! Signals: SIGTERM (what Kubernetes sends to start a graceful shutdown) and SIGINT (Ctrl-C)
-//! start the drain, and a second one of them means "stop now". SIGHUP, SIGUSR1 and SIGUSR2,
-//! whose default action would end the process at once with no drain, are logged and ignored:
-//! a stray `kill -HUP` (a terminal closing, a log rotator) must never cut connections.
+//! start the drain, and a second one of them means "stop now". SIGHUP re-reads the TLS
+//! certificates when there are TLS listeners; SIGHUP, SIGUSR1 and SIGUSR2 are otherwise logged
+//! and ignored: their default action would end the process at once with no drain, and a stray
+//! `kill -HUP` (a terminal closing, a log rotator) must never cut connections.
 
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
@@ -46,18 +47,25 @@ impl IgnoredSignals {
         })
     }
 
-    /// Log each of these signals as it arrives, forever.
-    pub async fn log_forever(mut self) {
+    /// Handle each of these signals as it arrives, forever: SIGHUP runs `on_hangup` when
+    /// there is one; everything else is logged and ignored.
+    pub async fn handle_forever(mut self, on_hangup: Option<Box<dyn Fn() + Send>>) {
         loop {
             let name = tokio::select! {
                 _ = self.hup.recv() => "SIGHUP",
                 _ = self.usr1.recv() => "SIGUSR1",
                 _ = self.usr2.recv() => "SIGUSR2",
             };
-            tracing::info!(
-                signal = name,
-                "signal ignored; SIGTERM or SIGINT drains and stops"
-            );
+            match (&on_hangup, name) {
+                (Some(reload), "SIGHUP") => {
+                    tracing::info!(signal = name, "re-reading the TLS certificates");
+                    reload();
+                }
+                _ => tracing::info!(
+                    signal = name,
+                    "signal ignored; SIGTERM or SIGINT drains and stops"
+                ),
+            }
         }
     }
 }

@@ -27,6 +27,27 @@ pub trait Transport {
 
     /// Our end of the connection.
     fn local_addr(&self) -> SocketAddr;
+
+    /// What TLS negotiated, when the connection runs inside TLS (the TLS layer's transport
+    /// answers; plain transports have none).
+    fn tls(&self) -> Option<&TlsInfo> {
+        None
+    }
+}
+
+/// The parameters of an established TLS session, as the semantic conventions name them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsInfo {
+    /// `tls.protocol.version`: `1.2` or `1.3`.
+    pub protocol_version: String,
+    /// `tls.cipher`: the negotiated cipher suite (`TLS13_AES_128_GCM_SHA256`, ...).
+    pub cipher: String,
+    /// `tls.server_name`: the SNI the client sent.
+    pub server_name: Option<String>,
+    /// `tls.next_protocol`: the ALPN protocol negotiated.
+    pub alpn: Option<String>,
+    /// `tls.client.subject`: the client certificate's subject, when one was given.
+    pub client_subject: Option<String>,
 }
 
 /// A transport that keeps what is written in memory, for unit tests of protocols.

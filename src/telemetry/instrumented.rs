@@ -34,7 +34,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use super::metrics::TrafficMetrics;
 use crate::factory::{ConnectionInfo, Factory, Refusal};
 use crate::protocol::{LossReason, Protocol};
-use crate::transport::Transport;
+use crate::transport::{TlsInfo, Transport};
 
 /// The tracing target of connection spans and their events (the OTLP layer exports exactly
 /// this target).
@@ -121,6 +121,9 @@ impl<P: Protocol> Protocol for InstrumentedProtocol<P> {
                 "connection made"
             );
         }
+        if let Some(tls) = transport.tls() {
+            record_tls(&self.span, tls);
+        }
         let _entered = self.span.enter();
         self.inner.connection_made(transport);
     }
@@ -148,6 +151,27 @@ impl<P> Drop for InstrumentedProtocol<P> {
     fn drop(&mut self) {
         if !self.recorded {
             self.record_loss(LossReason::Panic);
+        }
+    }
+}
+
+/// The TLS attributes of the semantic conventions. Set at once rather than at close: a TLS
+/// connection already holds a TLS session many times the size of these attributes.
+fn record_tls(span: &Span, tls: &TlsInfo) {
+    if span.is_disabled() {
+        return;
+    }
+    span.set_attribute("tls.established", true);
+    span.set_attribute("tls.protocol.name", "tls");
+    span.set_attribute("tls.protocol.version", tls.protocol_version.clone());
+    span.set_attribute("tls.cipher", tls.cipher.clone());
+    for (key, value) in [
+        ("tls.server_name", &tls.server_name),
+        ("tls.next_protocol", &tls.alpn),
+        ("tls.client.subject", &tls.client_subject),
+    ] {
+        if let Some(value) = value {
+            span.set_attribute(key, value.clone());
         }
     }
 }

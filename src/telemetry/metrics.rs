@@ -152,6 +152,96 @@ impl DatagramFamilies {
     }
 }
 
+/// The `result` label values of `echo_tls_handshakes_total`.
+pub const TLS_HANDSHAKE_RESULTS: [&str; 6] = [
+    "ok",
+    "timeout",
+    "bad_certificate",
+    "unknown_ca",
+    "protocol",
+    "other",
+];
+
+/// The TLS metric families of every TLS listener, labelled by `listener`.
+#[derive(Debug)]
+pub struct TlsFamilies {
+    handshakes: IntCounterVec,
+    reloads: IntCounterVec,
+    expiry: IntGaugeVec,
+}
+
+/// One TLS listener's metrics.
+#[derive(Debug, Clone)]
+pub struct TlsMetrics {
+    /// `echo_tls_handshakes_total{listener, result}`, one child per [`TLS_HANDSHAKE_RESULTS`].
+    handshakes: Vec<IntCounter>,
+    /// `echo_tls_reloads_total{listener, result="ok"}`.
+    pub reloads_ok: IntCounter,
+    /// `echo_tls_reloads_total{listener, result="error"}`: changed files that could not be used.
+    pub reloads_error: IntCounter,
+    /// `echo_tls_certificate_expiry_timestamp_seconds{listener}`: the served leaf's notAfter.
+    pub expiry: IntGauge,
+}
+
+impl TlsMetrics {
+    /// The handshake counter for `result` (one of [`TLS_HANDSHAKE_RESULTS`]; anything else
+    /// counts as `other`).
+    pub fn handshake(&self, result: &str) -> &IntCounter {
+        let index = TLS_HANDSHAKE_RESULTS
+            .iter()
+            .position(|r| *r == result)
+            .unwrap_or(TLS_HANDSHAKE_RESULTS.len() - 1);
+        &self.handshakes[index]
+    }
+}
+
+impl TlsFamilies {
+    fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let handshakes = IntCounterVec::new(
+            Opts::new(
+                "echo_tls_handshakes_total",
+                "TLS handshakes by listener and result (ok, timeout, bad_certificate, unknown_ca, protocol, other).",
+            ),
+            &["listener", "result"],
+        )?;
+        let reloads = IntCounterVec::new(
+            Opts::new(
+                "echo_tls_reloads_total",
+                "Certificate reloads after the files changed, by listener and result (ok, error: the old certificate is kept).",
+            ),
+            &["listener", "result"],
+        )?;
+        let expiry = IntGaugeVec::new(
+            Opts::new(
+                "echo_tls_certificate_expiry_timestamp_seconds",
+                "When the served certificate expires (its notAfter, Unix seconds), by listener.",
+            ),
+            &["listener"],
+        )?;
+        registry.register(Box::new(handshakes.clone()))?;
+        registry.register(Box::new(reloads.clone()))?;
+        registry.register(Box::new(expiry.clone()))?;
+        Ok(TlsFamilies {
+            handshakes,
+            reloads,
+            expiry,
+        })
+    }
+
+    /// The metrics of the TLS listener named `listener`, created at zero.
+    pub fn listener(&self, listener: &str) -> TlsMetrics {
+        TlsMetrics {
+            handshakes: TLS_HANDSHAKE_RESULTS
+                .iter()
+                .map(|result| self.handshakes.with_label_values(&[listener, result]))
+                .collect(),
+            reloads_ok: self.reloads.with_label_values(&[listener, "ok"]),
+            reloads_error: self.reloads.with_label_values(&[listener, "error"]),
+            expiry: self.expiry.with_label_values(&[listener]),
+        }
+    }
+}
+
 /// The registry with everything in it, plus the handles the hot path needs.
 pub struct Metrics {
     registry: Registry,
@@ -161,6 +251,8 @@ pub struct Metrics {
     pub admin: AdminMetrics,
     /// The UDP listeners' counters.
     pub datagrams: DatagramFamilies,
+    /// The TLS listeners' metrics.
+    pub tls: TlsFamilies,
 }
 
 impl Metrics {
@@ -209,11 +301,13 @@ impl Metrics {
 
         let admin = AdminMetrics::register(&registry)?;
         let datagrams = DatagramFamilies::register(&registry)?;
+        let tls = TlsFamilies::register(&registry)?;
         Ok(Metrics {
             registry,
             traffic: Arc::new(traffic),
             admin,
             datagrams,
+            tls,
         })
     }
 

@@ -13,5 +13,8 @@ pub use instrumented::{
     InstrumentedFactory, InstrumentedProtocol, CONNECTION_TARGET, LIFECYCLE_LOG_TARGET,
 };
 pub use log_writer::StdoutLog;
-pub use metrics::{DatagramFamilies, DatagramMetrics, Metrics, TrafficMetrics, TEXT_CONTENT_TYPE};
+pub use metrics::{
+    DatagramFamilies, DatagramMetrics, Metrics, TlsFamilies, TlsMetrics, TrafficMetrics,
+    TEXT_CONTENT_TYPE,
+};
 pub use tracing_setup::{init_tracing, LogFormat, OtlpSettings, TracingGuard, TracingSetupError};

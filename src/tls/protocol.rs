@@ -1,0 +1,361 @@
+//! TLS as a wrapping protocol, the way Twisted adds TLS (`TLSMemoryBIOProtocol`): the driver
+//! moves ciphertext, this layer runs rustls's sans-I/O `ServerConnection` over it, and the
+//! wrapped protocol sees plaintext through a [`Transport`] of its own, unaware of TLS.
+//!
+//! - The wrapped protocol's `connection_made` runs once the handshake is complete; its
+//!   transport reports the negotiated parameters ([`Transport::tls`]).
+//! - Writes are encrypted at once and handed to the driver, so the driver's write buffer limit
+//!   (and its backpressure) applies to TLS connections exactly as to plain ones; rustls holds
+//!   no plaintext beyond the record being built.
+//! - A `close_notify` from the peer is answered with ours after everything before it was
+//!   echoed; the peer's FIN then ends the connection as usual (half-close through TLS).
+//! - A failed handshake sends rustls's alert, closes the connection and is counted by cause in
+//!   `echo_tls_handshakes_total{result}`.
+
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use rustls::{AlertDescription, CertificateError, Error as TlsError, ServerConnection};
+
+use super::store::CertStore;
+use super::x509;
+use crate::factory::{ConnectionInfo, Factory, Refusal};
+use crate::protocol::{LossReason, Protocol};
+use crate::telemetry::TlsMetrics;
+use crate::transport::{TlsInfo, Transport};
+
+/// Wraps a factory: every protocol it builds runs inside TLS.
+pub struct TlsFactory<F> {
+    inner: F,
+    store: Arc<CertStore>,
+}
+
+impl<F> TlsFactory<F> {
+    /// Serve `inner`'s protocols over TLS with the configuration in `store`.
+    pub fn new(inner: F, store: Arc<CertStore>) -> Self {
+        TlsFactory { inner, store }
+    }
+}
+
+impl<F: Factory> Factory for TlsFactory<F> {
+    type Protocol = TlsProtocol<F::Protocol>;
+
+    fn build_protocol(&self, conn: &ConnectionInfo) -> Result<Self::Protocol, Refusal> {
+        let inner = self.inner.build_protocol(conn)?;
+        let session = ServerConnection::new(self.store.config());
+        Ok(TlsProtocol {
+            inner,
+            session: session.ok().map(Box::new),
+            metrics: self.store.metrics().clone(),
+            info: None,
+            phase: Phase::Handshaking,
+            plain_unsent: 0,
+            cipher_unsent: 0,
+        })
+    }
+
+    fn start_factory(&self) {
+        self.inner.start_factory();
+    }
+
+    fn stop_factory(&self) {
+        self.inner.stop_factory();
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Handshaking,
+    Established,
+    /// The handshake failed or the session ended: nothing more is decrypted.
+    Done,
+}
+
+/// A protocol running inside TLS.
+pub struct TlsProtocol<P> {
+    inner: P,
+    /// The rustls session (boxed: it is large); `None` only if rustls refused to start one.
+    session: Option<Box<ServerConnection>>,
+    metrics: TlsMetrics,
+    /// What was negotiated, once the handshake is complete.
+    info: Option<Box<TlsInfo>>,
+    phase: Phase,
+    /// Plaintext bytes the wrapped protocol wrote whose ciphertext the kernel has not taken yet.
+    plain_unsent: u64,
+    /// Ciphertext bytes handed to the driver and not yet reported sent.
+    cipher_unsent: u64,
+}
+
+/// `io::Write` into the driver's transport: never blocks, the driver buffers what the socket
+/// does not take (and stops reading while its buffer is full).
+struct ToTransport<'a> {
+    transport: &'a mut dyn Transport,
+    written: u64,
+}
+
+impl Write for ToTransport<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.transport.write(buf);
+        self.written += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Hand every pending TLS record to the driver; returns the ciphertext bytes written.
+fn flush(session: &mut ServerConnection, transport: &mut dyn Transport) -> u64 {
+    let mut out = ToTransport {
+        transport,
+        written: 0,
+    };
+    while session.wants_write() {
+        if session.write_tls(&mut out).is_err() {
+            break;
+        }
+    }
+    out.written
+}
+
+/// The transport the wrapped protocol sees: plaintext in, records out.
+struct PlainTransport<'a> {
+    session: &'a mut ServerConnection,
+    outer: &'a mut dyn Transport,
+    info: Option<&'a TlsInfo>,
+    plain_written: u64,
+    cipher_written: u64,
+}
+
+impl Transport for PlainTransport<'_> {
+    fn write(&mut self, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        if self.session.writer().write_all(data).is_ok() {
+            self.plain_written += data.len() as u64;
+        }
+        self.cipher_written += flush(self.session, self.outer);
+    }
+
+    fn lose_connection(&mut self) {
+        self.session.send_close_notify();
+        self.cipher_written += flush(self.session, self.outer);
+        self.outer.lose_connection();
+    }
+
+    fn abort_connection(&mut self) {
+        self.outer.abort_connection();
+    }
+
+    fn peer_addr(&self) -> SocketAddr {
+        self.outer.peer_addr()
+    }
+
+    fn local_addr(&self) -> SocketAddr {
+        self.outer.local_addr()
+    }
+
+    fn tls(&self) -> Option<&TlsInfo> {
+        self.info
+    }
+}
+
+impl<P: Protocol> TlsProtocol<P> {
+    /// Run `f` on the wrapped protocol with its plaintext transport.
+    fn with_inner(
+        &mut self,
+        outer: &mut dyn Transport,
+        f: impl FnOnce(&mut P, &mut dyn Transport),
+    ) {
+        let Some(session) = self.session.as_deref_mut() else {
+            return;
+        };
+        let mut plain = PlainTransport {
+            session,
+            outer,
+            info: self.info.as_deref(),
+            plain_written: 0,
+            cipher_written: 0,
+        };
+        f(&mut self.inner, &mut plain);
+        self.plain_unsent += plain.plain_written;
+        self.cipher_unsent += plain.cipher_written;
+    }
+
+    fn handshake_failed(&mut self, result: &'static str, transport: &mut dyn Transport) {
+        self.metrics.handshake(result).inc();
+        self.phase = Phase::Done;
+        if let Some(session) = self.session.as_deref_mut() {
+            self.cipher_unsent += flush(session, transport);
+        }
+        transport.lose_connection();
+    }
+
+    fn handshake_done(&mut self, transport: &mut dyn Transport) {
+        let Some(session) = self.session.as_deref() else {
+            return;
+        };
+        self.metrics.handshake("ok").inc();
+        self.info = Some(Box::new(TlsInfo {
+            protocol_version: session
+                .protocol_version()
+                .map_or_else(String::new, |v| version_name(v).to_owned()),
+            cipher: session
+                .negotiated_cipher_suite()
+                .map_or_else(String::new, |s| format!("{:?}", s.suite())),
+            server_name: session.server_name().map(str::to_owned),
+            alpn: session
+                .alpn_protocol()
+                .map(|p| String::from_utf8_lossy(p).into_owned()),
+            client_subject: session
+                .peer_certificates()
+                .and_then(|certs| certs.first())
+                .and_then(|leaf| x509::subject(leaf)),
+        }));
+        self.phase = Phase::Established;
+        self.with_inner(transport, |inner, plain| inner.connection_made(plain));
+    }
+}
+
+impl<P: Protocol> Protocol for TlsProtocol<P> {
+    fn connection_made(&mut self, transport: &mut dyn Transport) {
+        if self.session.is_none() {
+            self.handshake_failed("other", transport);
+        }
+    }
+
+    fn data_received(&mut self, data: &[u8], transport: &mut dyn Transport) {
+        let mut rest = data;
+        while !rest.is_empty() && self.phase != Phase::Done {
+            let Some(session) = self.session.as_deref_mut() else {
+                return;
+            };
+            if session.read_tls(&mut rest).is_err() {
+                self.handshake_failed_or_closed(transport, "protocol");
+                return;
+            }
+            if let Err(err) = session.process_new_packets() {
+                let result = classify(&err);
+                if self.phase == Phase::Handshaking {
+                    self.handshake_failed(result, transport);
+                } else {
+                    self.phase = Phase::Done;
+                    let session = self.session.as_deref_mut().expect("checked above");
+                    self.cipher_unsent += flush(session, transport);
+                    transport.lose_connection();
+                }
+                return;
+            }
+            if self.phase == Phase::Handshaking && !session.is_handshaking() {
+                self.handshake_done(transport);
+            }
+            self.deliver_plaintext(transport);
+            if let Some(session) = self.session.as_deref_mut() {
+                self.cipher_unsent += flush(session, transport);
+            }
+        }
+    }
+
+    fn bytes_sent(&mut self, n: usize) {
+        // Report plaintext in proportion to the ciphertext the kernel took: exact once
+        // everything is flushed, and never more than the wrapped protocol wrote.
+        let n = (n as u64).min(self.cipher_unsent);
+        if n == 0 || self.cipher_unsent == 0 {
+            return;
+        }
+        let plain = if n == self.cipher_unsent {
+            self.plain_unsent
+        } else {
+            (self.plain_unsent as u128 * n as u128 / self.cipher_unsent as u128) as u64
+        };
+        self.cipher_unsent -= n;
+        self.plain_unsent -= plain;
+        if plain > 0 && self.phase != Phase::Handshaking {
+            self.inner.bytes_sent(plain as usize);
+        }
+    }
+
+    fn connection_lost(&mut self, reason: LossReason) {
+        if self.phase == Phase::Handshaking {
+            // Gone before finishing the handshake (a scanner, a client that gave up).
+            self.metrics.handshake("other").inc();
+        }
+        self.inner.connection_lost(reason);
+    }
+}
+
+impl<P: Protocol> TlsProtocol<P> {
+    /// Pass every decrypted byte to the wrapped protocol; answer a `close_notify` with ours.
+    fn deliver_plaintext(&mut self, transport: &mut dyn Transport) {
+        if self.phase != Phase::Established {
+            return;
+        }
+        let mut buffer = [0u8; 16 * 1024];
+        loop {
+            let Some(session) = self.session.as_deref_mut() else {
+                return;
+            };
+            match session.reader().read(&mut buffer) {
+                Ok(0) => {
+                    // close_notify: everything before it was delivered (and echoed); answer
+                    // with ours. The peer's FIN ends the connection.
+                    session.send_close_notify();
+                    self.phase = Phase::Done;
+                    return;
+                }
+                Ok(n) => {
+                    let data = &buffer[..n];
+                    self.with_inner(transport, |inner, plain| inner.data_received(data, plain));
+                }
+                Err(_) => return, // WouldBlock: no more plaintext for now
+            }
+        }
+    }
+
+    fn handshake_failed_or_closed(&mut self, transport: &mut dyn Transport, result: &'static str) {
+        if self.phase == Phase::Handshaking {
+            self.handshake_failed(result, transport);
+        } else {
+            self.phase = Phase::Done;
+            transport.lose_connection();
+        }
+    }
+}
+
+/// `TLSv1_3` -> `1.3`, as the semantic conventions write `tls.protocol.version`.
+fn version_name(version: rustls::ProtocolVersion) -> &'static str {
+    match version {
+        rustls::ProtocolVersion::TLSv1_2 => "1.2",
+        rustls::ProtocolVersion::TLSv1_3 => "1.3",
+        _ => "other",
+    }
+}
+
+/// The `result` label of a failed handshake.
+pub(crate) fn classify(err: &TlsError) -> &'static str {
+    match err {
+        TlsError::InvalidCertificate(CertificateError::UnknownIssuer)
+        | TlsError::AlertReceived(AlertDescription::UnknownCA) => "unknown_ca",
+        TlsError::InvalidCertificate(_)
+        | TlsError::NoCertificatesPresented
+        | TlsError::AlertReceived(
+            AlertDescription::BadCertificate
+            | AlertDescription::UnsupportedCertificate
+            | AlertDescription::CertificateRevoked
+            | AlertDescription::CertificateExpired
+            | AlertDescription::CertificateUnknown
+            | AlertDescription::CertificateRequired,
+        ) => "bad_certificate",
+        TlsError::InvalidMessage(_)
+        | TlsError::InappropriateMessage { .. }
+        | TlsError::InappropriateHandshakeMessage { .. }
+        | TlsError::PeerIncompatible(_)
+        | TlsError::PeerMisbehaved(_)
+        | TlsError::AlertReceived(_)
+        | TlsError::DecryptError => "protocol",
+        _ => "other",
+    }
+}
