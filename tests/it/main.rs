@@ -12,5 +12,6 @@ mod metrics;
 mod otlp_receiver;
 mod policies;
 mod support;
+mod tls;
 mod tracing;
 mod udp;
