@@ -42,6 +42,7 @@ pub mod echo;
 pub mod factory;
 pub mod policies;
 pub mod protocol;
+pub mod proxy_protocol;
 pub mod server;
 pub mod signal;
 pub mod state;
