@@ -8,9 +8,10 @@ use clap::Parser;
 
 use echo_service::admin::{self, Admin};
 use echo_service::policies::{ConnectionLimit, PeerConnectionLimit};
+use echo_service::proxy_protocol::ProxyProtocolFactory;
 use echo_service::signal::ShutdownSignals;
 use echo_service::telemetry::{init_tracing, InstrumentedFactory, Metrics};
-use echo_service::{server, Config, EchoFactory, Server, ServiceState};
+use echo_service::{server, Config, EchoFactory, Factory, Refusal, Server, ServiceState};
 
 fn main() -> ExitCode {
     let config = match Config::try_parse() {
@@ -62,6 +63,8 @@ async fn run(config: Config) -> Result<(), String> {
     let state = Arc::new(ServiceState::new(config.max_connections));
     let metrics = Metrics::register(&state).map_err(|err| format!("metrics: {err}"))?;
     let traffic = metrics.traffic.clone();
+    let proxy_metrics = metrics.proxy.clone();
+    let proxy = config.proxy_settings();
 
     let listener = server::bind(config.listen, config.listen_backlog)
         .map_err(|err| format!("cannot listen on '--listen {}': {err}", config.listen))?;
@@ -79,28 +82,29 @@ async fn run(config: Config) -> Result<(), String> {
 
     tokio::spawn(admin::serve(
         admin_listener,
-        Arc::new(Admin::new(state.clone(), metrics)),
+        Arc::new(Admin::new(state.clone(), metrics).with_proxy_mode(config.proxy_protocol)),
         config.admin_settings(),
     ));
 
-    let factory = InstrumentedFactory::new(
-        ConnectionLimit::new(
-            PeerConnectionLimit::new(EchoFactory, config.max_connections_per_peer),
-            state.clone(),
+    // Behind a PROXY header layer the per-peer limit counts the original client, known only
+    // once the header is read, so it checks at connection_made instead of at accept.
+    let peer_limit = match proxy {
+        None => PeerConnectionLimit::new(EchoFactory, config.max_connections_per_peer),
+        Some(_) => PeerConnectionLimit::when_made(
+            EchoFactory,
+            config.max_connections_per_peer,
+            state.stats.rejected(Refusal::PeerLimit).clone(),
         ),
-        traffic,
-    );
-    let server = Server::new(
-        factory,
-        state,
-        config.connection_settings(),
-        config.drain_settings(),
-    );
+    };
+    let factory =
+        InstrumentedFactory::new(ConnectionLimit::new(peer_limit, state.clone()), traffic);
     tracing::info!(
         listen = %listener.local_addr().map_err(|e| e.to_string())?,
         admin = %admin_addr,
         version = env!("CARGO_PKG_VERSION"),
         otlp = tracing.exporting(),
+        proxy_protocol = config.proxy_protocol.as_str(),
+        proxy_protocol_trusted = %config.proxy_protocol_trusted,
         "echo-service serving"
     );
 
@@ -113,11 +117,36 @@ async fn run(config: Config) -> Result<(), String> {
             std::process::exit(1);
         });
     };
+    // The PROXY header layer wraps everything, so the layers inside see the original client.
+    let served = match proxy {
+        None => serve(factory, state, &config, listener, shutdown).await,
+        Some(settings) => {
+            let factory = ProxyProtocolFactory::new(factory, settings, proxy_metrics);
+            serve(factory, state, &config, listener, shutdown).await
+        }
+    };
+    served?;
+    tracing.shutdown().await;
+    Ok(())
+}
+
+/// Run the echo server with `factory` until `shutdown`, then drain.
+async fn serve<F: Factory>(
+    factory: F,
+    state: Arc<ServiceState>,
+    config: &Config,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
+    let server = Server::new(
+        factory,
+        state,
+        config.connection_settings(),
+        config.drain_settings(),
+    );
     // Run the accept loop on a worker thread, not on this block_on thread: connection tasks it
     // spawns then start on the same worker without a cross-thread wake-up per accept.
     tokio::spawn(server.run(listener, shutdown))
         .await
-        .map_err(|err| format!("server task failed: {err}"))?;
-    tracing.shutdown().await;
-    Ok(())
+        .map_err(|err| format!("server task failed: {err}"))
 }

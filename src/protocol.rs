@@ -38,6 +38,15 @@ pub trait Protocol: Send + Unpin + 'static {
     fn connection_lost(&mut self, reason: LossReason) {
         let _ = reason;
     }
+
+    /// A moment by which the protocol needs something to have happened, and the reason to end
+    /// the connection with if it has not (the PROXY header layer uses it for
+    /// `--proxy-header-timeout`). The driver asks after every callback and closes the
+    /// connection (without flushing) once the deadline passes; `None`, the default, sets none.
+    /// Wrapping protocols forward it.
+    fn deadline(&self) -> Option<(tokio::time::Instant, LossReason)> {
+        None
+    }
 }
 
 /// Why a connection ended. The label of each variant is a fixed metric label value and the
@@ -64,11 +73,13 @@ pub enum LossReason {
     Aborted,
     /// The protocol panicked; the connection task was unwound.
     Panic,
+    /// A trusted peer did not complete its PROXY header within `--proxy-header-timeout`.
+    ProxyTimeout,
 }
 
 impl LossReason {
     /// Every label value, in [`LossReason::index`] order.
-    pub const LABELS: [&'static str; 10] = [
+    pub const LABELS: [&'static str; 11] = [
         "peer_closed",
         "closed",
         "max_age",
@@ -79,6 +90,7 @@ impl LossReason {
         "shutdown",
         "aborted",
         "panic",
+        "proxy_timeout",
     ];
 
     /// Position of this reason in [`LossReason::LABELS`] (for per-reason counter arrays).
@@ -94,6 +106,7 @@ impl LossReason {
             LossReason::Shutdown => 7,
             LossReason::Aborted => 8,
             LossReason::Panic => 9,
+            LossReason::ProxyTimeout => 10,
         }
     }
 
@@ -139,6 +152,7 @@ mod tests {
             LossReason::Shutdown,
             LossReason::Aborted,
             LossReason::Panic,
+            LossReason::ProxyTimeout,
         ];
         for (i, reason) in all.iter().enumerate() {
             assert_eq!(reason.index(), i);

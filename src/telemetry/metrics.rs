@@ -8,8 +8,11 @@
 
 use std::sync::Arc;
 
-use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+};
 
+use crate::proxy_protocol::{ProxyResult, Version};
 use crate::state::ServiceState;
 
 /// The content type of the Prometheus text exposition format 0.0.4, which Prometheus 2.x and
@@ -33,11 +36,58 @@ pub struct TrafficMetrics {
     pub duration: Histogram,
 }
 
+/// `echo_proxy_headers_total{version, result}`: one counter per outcome of the PROXY header
+/// layer, every label pair created up front so dashboards see zeros rather than gaps.
+#[derive(Debug)]
+pub struct ProxyMetrics {
+    /// Indexed by version (`none`, `v1`, `v2`) then [`ProxyResult::index`].
+    counters: [[IntCounter; 5]; 3],
+}
+
+impl ProxyMetrics {
+    /// The `version` label values, in index order.
+    pub const VERSIONS: [&'static str; 3] = ["none", "v1", "v2"];
+
+    /// Register `echo_proxy_headers_total` in `registry`.
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let vec = IntCounterVec::new(
+            Opts::new(
+                "echo_proxy_headers_total",
+                "PROXY protocol headers by version (none: no header) and result.",
+            ),
+            &["version", "result"],
+        )?;
+        registry.register(Box::new(vec.clone()))?;
+        let counters = Self::VERSIONS.map(|version| {
+            ProxyResult::LABELS.map(|result| vec.with_label_values(&[version, result]))
+        });
+        Ok(ProxyMetrics { counters })
+    }
+
+    /// Count one header outcome (`version` `None` when no header was seen).
+    pub fn count(&self, version: Option<Version>, result: ProxyResult) {
+        let v = match version {
+            None => 0,
+            Some(Version::V1) => 1,
+            Some(Version::V2) => 2,
+        };
+        self.counters[v][result.index()].inc();
+    }
+
+    /// The current count of one outcome (for tests).
+    pub fn get(&self, version: Option<Version>, result: ProxyResult) -> u64 {
+        let v = version.map_or(0, |v| v as usize + 1);
+        self.counters[v][result.index()].get()
+    }
+}
+
 /// The registry with everything in it, plus the handles the hot path needs.
 pub struct Metrics {
     registry: Registry,
     /// Handed to the instrumented factory.
     pub traffic: Arc<TrafficMetrics>,
+    /// Handed to the PROXY header layer.
+    pub proxy: Arc<ProxyMetrics>,
 }
 
 impl Metrics {
@@ -83,9 +133,12 @@ impl Metrics {
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
 
+        let proxy = ProxyMetrics::register(&registry)?;
+
         Ok(Metrics {
             registry,
             traffic: Arc::new(traffic),
+            proxy: Arc::new(proxy),
         })
     }
 
@@ -124,6 +177,7 @@ mod tests {
             "echo_build_info{version=\"",
             "process_resident_memory_bytes",
             "process_open_fds",
+            "echo_proxy_headers_total{result=\"timeout\",version=\"none\"} 0",
         ] {
             assert!(text.contains(name), "missing {name} in:\n{text}");
         }

@@ -11,5 +11,5 @@ mod tracing_setup;
 pub use instrumented::{
     InstrumentedFactory, InstrumentedProtocol, CONNECTION_TARGET, LIFECYCLE_LOG_TARGET,
 };
-pub use metrics::{Metrics, TrafficMetrics, TEXT_CONTENT_TYPE};
+pub use metrics::{Metrics, ProxyMetrics, TrafficMetrics, TEXT_CONTENT_TYPE};
 pub use tracing_setup::{init_tracing, LogFormat, OtlpSettings, TracingGuard, TracingSetupError};

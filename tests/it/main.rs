@@ -10,5 +10,6 @@ mod faults;
 mod metrics;
 mod otlp_receiver;
 mod policies;
+mod proxy;
 mod support;
 mod tracing;
