@@ -1,6 +1,7 @@
 //! CRC32C (Castagnoli, RFC 4960 appendix B), the checksum of the PROXY v2 `PP2_TYPE_CRC32C`
-//! TLV. Twenty lines with a table built at compile time beat a dependency for one checksum
-//! over at most a few kilobytes per connection.
+//! TLV. A few lines with tables built at compile time beat a dependency for one checksum over
+//! at most a few kilobytes per connection. Slicing-by-8 (eight 1 KiB tables, eight bytes per
+//! step) makes it about four times faster than a byte at a time; no `unsafe` SSE4.2 path.
 
 /// The reflected Castagnoli polynomial.
 const POLY: u32 = 0x82F6_3B78;

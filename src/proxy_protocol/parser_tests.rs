@@ -320,6 +320,25 @@ fn v2_tlvs_are_kept_unknown_ones_skipped_and_crc_checked() {
 fn crc32c_matches_the_rfc_3720_check_value() {
     assert_eq!(super::crc32c(b"123456789"), 0xE306_9283);
     assert_eq!(super::crc32c(&[0; 32]), 0x8A91_36AA);
+    // The eight-byte steps agree with a bit-at-a-time reference at every length and offset.
+    let data: Vec<u8> = (0..300u32).map(|i| (i * 131 % 251) as u8).collect();
+    for start in 0..9 {
+        for end in start..data.len() {
+            let slice = &data[start..end];
+            let mut crc = !0u32;
+            for &b in slice {
+                crc ^= u32::from(b);
+                for _ in 0..8 {
+                    crc = if crc & 1 == 1 {
+                        (crc >> 1) ^ 0x82F6_3B78
+                    } else {
+                        crc >> 1
+                    };
+                }
+            }
+            assert_eq!(super::crc32c(slice), !crc, "{start}..{end}");
+        }
+    }
 }
 
 #[test]
