@@ -11,5 +11,6 @@ mod metrics;
 mod otlp_receiver;
 mod policies;
 mod proxy;
+mod proxy_interop;
 mod support;
 mod tracing;
