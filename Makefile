@@ -6,7 +6,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 ARGS ?=
 
-.PHONY: help build run test test-rust lint fmt soak clean
+.PHONY: help build run test test-rust lint fmt soak clean fuzz
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sort | \
@@ -37,6 +37,13 @@ test-rust: ## Rust unit tests and black-box tests of the real binary (needs prom
 	else \
 		$(CARGO) test --locked --workspace --all-targets --no-fail-fast; \
 	fi
+
+FUZZ_SECONDS ?= 60
+# cargo-fuzz needs nightly features; RUSTC_BOOTSTRAP=1 lets the stable toolchain build it.
+fuzz: ## Fuzz the PROXY header parser for FUZZ_SECONDS (default 60); new inputs land in fuzz/corpus
+	@command -v cargo-fuzz >/dev/null || { echo "cargo-fuzz missing: cargo install --locked cargo-fuzz"; exit 1; }
+	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run proxy_header corpus/proxy_header -- \
+		-max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=1024 -print_final_stats=1
 
 clean: ## Remove build output and the Python venv
 	$(CARGO) clean

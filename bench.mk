@@ -11,7 +11,7 @@ BENCH_BIN_DIR ?= $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)/release
 # Extra arguments for bench/run.py, e.g. BENCH_ARGS="--rounds 5 --scenarios pp-64x100,idle-10k".
 BENCH_ARGS    ?=
 
-.PHONY: bench bench-quick bench-venv bench-build
+.PHONY: bench bench-quick bench-venv bench-build bench-parser
 
 bench-venv: $(BENCH_STAMP) ## Create .venv/bench with the pinned Twisted for the baseline server
 
@@ -30,3 +30,6 @@ bench: bench-build bench-venv ## Benchmark echo-service vs tokio and Twisted bas
 bench-quick: bench-build bench-venv ## One short round of every scenario (~2 min): checks the suite, numbers are rough
 	$(BENCH_PYTHON) bench/run.py --bin-dir $(BENCH_BIN_DIR) --python $(BENCH_VENV)/bin/python \
 		--rounds 1 --duration 1 --warmup 0.3 --idle-settle 0.5 --idle-hold 0.5 $(BENCH_ARGS)
+
+bench-parser: ## Micro-benchmark the PROXY header parser (ns per header, release build)
+	$(CARGO) bench --locked --bench proxy_parser

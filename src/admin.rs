@@ -29,6 +29,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
 use crate::accept::AcceptBackoff;
+use crate::proxy_protocol::ProxyMode;
 use crate::state::ServiceState;
 use crate::telemetry::{Metrics, TEXT_CONTENT_TYPE};
 
@@ -56,12 +57,24 @@ pub struct AdminSettings {
 pub struct Admin {
     state: Arc<ServiceState>,
     metrics: Metrics,
+    /// `--proxy-protocol`, shown in `/healthz`.
+    proxy_protocol: ProxyMode,
 }
 
 impl Admin {
     /// Serve the shared `state` and the `metrics` registry.
     pub fn new(state: Arc<ServiceState>, metrics: Metrics) -> Self {
-        Admin { state, metrics }
+        Admin {
+            state,
+            metrics,
+            proxy_protocol: ProxyMode::Off,
+        }
+    }
+
+    /// Show `mode` as `proxy_protocol` in `/healthz`.
+    pub fn with_proxy_mode(mut self, mode: ProxyMode) -> Self {
+        self.proxy_protocol = mode;
+        self
     }
 }
 
@@ -193,7 +206,11 @@ pub fn respond(admin: &Admin, method: &Method, path: &str) -> Response<Full<Byte
     }
     match path {
         "/metrics" => with_type(StatusCode::OK, TEXT_CONTENT_TYPE, admin.metrics.encode()),
-        "/healthz" => json(StatusCode::OK, healthz(&admin.state)),
+        "/healthz" => {
+            let mut body = healthz(&admin.state);
+            body["proxy_protocol"] = admin.proxy_protocol.as_str().into();
+            json(StatusCode::OK, body)
+        }
         _ => {
             let reason = admin.state.not_ready_reason();
             let status = if reason.is_some() {
@@ -296,6 +313,10 @@ mod tests {
         assert_eq!(health["status"], "serving");
         assert_eq!(health["connections_active"], 2);
         assert_eq!(health["connections_made_total"], 3);
+        assert_eq!(health["proxy_protocol"], "off");
+        let proxied = self::admin(None).with_proxy_mode(ProxyMode::Required);
+        let health = body(respond(&proxied, &Method::GET, "/healthz"));
+        assert_eq!(health["proxy_protocol"], "required");
     }
 
     #[test]

@@ -13,6 +13,7 @@ use clap::Parser;
 
 use crate::admin::AdminSettings;
 use crate::connection::ConnectionSettings;
+use crate::proxy_protocol::{ProxyMode, ProxySettings, TrustedNetworks};
 use crate::server::DrainSettings;
 use crate::telemetry::{LogFormat, OtlpSettings};
 use crate::tls::{ClientAuth, TlsSettings};
@@ -206,6 +207,26 @@ pub struct Config {
     /// How often the certificate files are checked for changes (SIGHUP checks at once).
     #[arg(long, env = "ECHO_TLS_RELOAD_INTERVAL", default_value = "5s", value_parser = parse_positive_duration, allow_hyphen_values = true, value_name = "DURATION")]
     pub tls_reload_interval: Duration,
+    /// PROXY protocol on the echo port: `off`, `optional` (use a header when a trusted peer
+    /// sends one, else treat the bytes as data) or `required` (trusted peers must send one;
+    /// untrusted peers are closed).
+    #[arg(long, env = "ECHO_PROXY_PROTOCOL", value_enum, default_value = "off")]
+    pub proxy_protocol: ProxyMode,
+
+    /// Peers whose PROXY headers are believed: comma-separated CIDRs, IPv4 and IPv6
+    /// (`10.0.0.0/8,fd00::/8`). Empty: any peer.
+    #[arg(long, env = "ECHO_PROXY_PROTOCOL_TRUSTED", default_value = "", value_parser = parse_trusted, value_name = "CIDRS")]
+    pub proxy_protocol_trusted: TrustedNetworks,
+
+    /// A trusted peer that has not completed its PROXY header after this long is closed
+    /// (lost{reason="proxy_timeout"}).
+    #[arg(long, env = "ECHO_PROXY_HEADER_TIMEOUT", default_value = "5s", value_parser = parse_positive_duration, value_name = "DURATION")]
+    pub proxy_header_timeout: Duration,
+
+    /// Largest PROXY header accepted (a v2 header declaring more is rejected at once);
+    /// 232..=65551 bytes.
+    #[arg(long, env = "ECHO_PROXY_HEADER_MAX_BYTES", default_value = "4KiB", value_parser = parse_proxy_header_size, value_name = "BYTES")]
+    pub proxy_header_max_bytes: usize,
 }
 
 /// The largest `--max-connections` accepted (far above any file descriptor limit).
@@ -290,6 +311,16 @@ impl Config {
         })
     }
 
+    /// The PROXY header layer's settings (`None` when `--proxy-protocol off`).
+    pub fn proxy_settings(&self) -> Option<ProxySettings> {
+        (self.proxy_protocol != ProxyMode::Off).then(|| ProxySettings {
+            mode: self.proxy_protocol,
+            trusted: self.proxy_protocol_trusted.clone(),
+            max_header_bytes: self.proxy_header_max_bytes,
+            header_timeout: self.proxy_header_timeout,
+        })
+    }
+
     /// OTLP settings of ours.
     pub fn otlp_settings(&self) -> OtlpSettings {
         OtlpSettings {
@@ -305,6 +336,21 @@ fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
             || a.ip().is_unspecified()
             || b.ip().is_unspecified()
             || a.ip().to_canonical() == b.ip().to_canonical())
+}
+
+fn parse_trusted(text: &str) -> Result<TrustedNetworks, String> {
+    text.parse()
+}
+
+/// A PROXY header cap: room for the largest address block (AF_UNIX, 16 + 216 bytes), at most
+/// the largest header the format can express.
+fn parse_proxy_header_size(text: &str) -> Result<usize, String> {
+    let size = parse_size(text)?;
+    let max = crate::proxy_protocol::parser::V2_MAX_LEN;
+    if !(232..=max).contains(&size) {
+        return Err(format!("must be between 232 and {max} bytes"));
+    }
+    Ok(size)
 }
 
 /// Parse `500ms`, `5s`, `2m`, `1h` (a number, then a unit; decimals allowed: `1.5s`).

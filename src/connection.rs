@@ -385,6 +385,17 @@ impl<P: Protocol> Future for ConnectionTask<P> {
             // Policy timers: one Sleep set to the earliest deadline. It is moved earlier at
             // once, but never later: a timer that fires early just finds nothing expired and
             // is set again, which is cheaper than resetting it on every read.
+            // A protocol deadline (Protocol::deadline) shares the policy timer; the clock is
+            // created for it on demand.
+            let protocol_deadline = this.protocol.deadline();
+            if let Some((at, reason)) = protocol_deadline {
+                if Instant::now() >= at {
+                    return this.finish(reason);
+                }
+                if this.clock.is_none() {
+                    this.clock = Some(PolicyClock::bare());
+                }
+            }
             let Some(clock) = this.clock.as_deref_mut() else {
                 return Poll::Pending;
             };
@@ -403,7 +414,12 @@ impl<P: Protocol> Future for ConnectionTask<P> {
                 continue;
             }
             let closing = this.outbox.closing != Closing::No;
-            let Some(deadline) = clock.next_deadline(settings, closing) else {
+            let policy_deadline = clock.next_deadline(settings, closing);
+            let Some(deadline) = policy_deadline
+                .into_iter()
+                .chain(protocol_deadline.map(|(at, _)| at))
+                .min()
+            else {
                 return Poll::Pending;
             };
             if clock.timer.is_elapsed() {

@@ -51,6 +51,7 @@ pub mod factory;
 pub mod fd_limit;
 pub mod policies;
 pub mod protocol;
+pub mod proxy_protocol;
 pub mod server;
 pub mod signal;
 pub mod state;

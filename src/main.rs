@@ -10,11 +10,14 @@ use clap::Parser;
 use echo_service::admin::{self, Admin};
 use echo_service::echo::EchoDatagram;
 use echo_service::policies::{ConnectionLimit, PeerConnectionLimit};
+use echo_service::proxy_protocol::{ProxyProtocolFactory, ProxySettings};
 use echo_service::signal::{IgnoredSignals, ShutdownSignals};
-use echo_service::telemetry::{init_tracing, InstrumentedFactory, Metrics, StdoutLog};
+use echo_service::telemetry::{
+    init_tracing, InstrumentedFactory, Metrics, ProxyMetrics, StdoutLog,
+};
 use echo_service::tls::{CertStore, TlsFactory};
 use echo_service::udp::{self, UdpServer};
-use echo_service::{fd_limit, server, Config, EchoFactory, Server, ServiceState};
+use echo_service::{fd_limit, server, Config, EchoFactory, Factory, Refusal, Server, ServiceState};
 
 fn main() -> ExitCode {
     // An empty `ECHO_*` variable (`ECHO_LOG_LEVEL=`, a blank Helm value) means "not set", as
@@ -190,6 +193,8 @@ async fn run(config: Config, log: StdoutLog) -> Result<(), RunError> {
     let state = Arc::new(ServiceState::new(max_connections));
     let metrics = Metrics::register(&state).map_err(|err| format!("metrics: {err}"))?;
     let traffic = metrics.traffic.clone();
+    let proxy_metrics = metrics.proxy.clone();
+    let proxy = config.proxy_settings();
 
     let listener = server::bind(config.listen, config.listen_backlog)
         .map_err(|err| format!("cannot listen on '--listen {}': {err}", config.listen))?;
@@ -249,7 +254,7 @@ async fn run(config: Config, log: StdoutLog) -> Result<(), RunError> {
 
     tokio::spawn(admin::serve(
         admin_listener,
-        Arc::new(Admin::new(state.clone(), metrics)),
+        Arc::new(Admin::new(state.clone(), metrics).with_proxy_mode(config.proxy_protocol)),
         config.admin_settings(),
     ));
 
@@ -258,47 +263,42 @@ async fn run(config: Config, log: StdoutLog) -> Result<(), RunError> {
         admin = %admin_addr,
         version = env!("CARGO_PKG_VERSION"),
         otlp = tracing.exporting(),
+        proxy_protocol = config.proxy_protocol.as_str(),
+        proxy_protocol_trusted = %config.proxy_protocol_trusted,
         "echo-service serving"
     );
 
     let shutdown = ShutdownBroadcast::start(signals);
-    // Run the accept loops on worker threads, not on this block_on thread: connection tasks
-    // they spawn then start on the same worker without a cross-thread wake-up per accept.
+    let proxied = Proxied {
+        settings: proxy,
+        metrics: proxy_metrics,
+    };
     let mut servers = Vec::new();
     let factory = InstrumentedFactory::new(
         ConnectionLimit::new(
-            PeerConnectionLimit::new(EchoFactory, config.max_connections_per_peer),
+            peer_limited(EchoFactory, &config, &state, &proxied),
             state.clone(),
         ),
         traffic.clone(),
     );
-    let server = Server::new(
-        factory,
-        state.clone(),
-        config.connection_settings(),
-        config.drain_settings(),
-    );
-    servers.push(tokio::spawn(server.run(listener, shutdown.wait())));
+    servers.push(proxied.spawn(factory, listener, &state, &config, shutdown.wait()));
     for (listener, store) in tls_listeners {
-        // TLS outside the instrumentation: spans and byte counts see the plaintext echo, and
-        // the span covers the handshake.
+        // TLS inside the PROXY layer (HAProxy sends the header before the handshake) and
+        // outside the instrumentation: spans and byte counts see the plaintext echo, and the
+        // span covers the handshake.
         let factory = ConnectionLimit::new(
-            PeerConnectionLimit::new(
+            peer_limited(
                 TlsFactory::new(
                     InstrumentedFactory::new(EchoFactory, traffic.clone()),
                     store,
                 ),
-                config.max_connections_per_peer,
+                &config,
+                &state,
+                &proxied,
             ),
             state.clone(),
         );
-        let server = Server::new(
-            factory,
-            state.clone(),
-            config.connection_settings(),
-            config.drain_settings(),
-        );
-        servers.push(tokio::spawn(server.run(listener, shutdown.wait())));
+        servers.push(proxied.spawn(factory, listener, &state, &config, shutdown.wait()));
     }
     for server in servers {
         server
@@ -307,4 +307,59 @@ async fn run(config: Config, log: StdoutLog) -> Result<(), RunError> {
     }
     tracing.shutdown().await;
     Ok(())
+}
+
+/// The per-peer connection limit around `inner`. Behind a PROXY header layer it counts the
+/// original client, known only once the header is read, so it checks at `connection_made`
+/// instead of at accept.
+fn peer_limited<F: Factory>(
+    inner: F,
+    config: &Config,
+    state: &ServiceState,
+    proxied: &Proxied,
+) -> PeerConnectionLimit<F> {
+    match proxied.settings {
+        None => PeerConnectionLimit::new(inner, config.max_connections_per_peer),
+        Some(_) => PeerConnectionLimit::when_made(
+            inner,
+            config.max_connections_per_peer,
+            state.stats.rejected(Refusal::PeerLimit).clone(),
+        ),
+    }
+}
+
+/// The PROXY header layer, when `--proxy-protocol` is on: it wraps every stream listener's
+/// whole stack, so every layer inside sees the original client.
+struct Proxied {
+    settings: Option<ProxySettings>,
+    metrics: Arc<ProxyMetrics>,
+}
+
+impl Proxied {
+    /// Serve `listener` with `factory` (behind the PROXY layer when it is on) until
+    /// `shutdown`, then drain. The accept loop runs on a worker thread, not on the block_on
+    /// thread: connection tasks it spawns then start on the same worker without a
+    /// cross-thread wake-up per accept.
+    fn spawn<F: Factory>(
+        &self,
+        factory: F,
+        listener: tokio::net::TcpListener,
+        state: &Arc<ServiceState>,
+        config: &Config,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> tokio::task::JoinHandle<()> {
+        let (settings, drain) = (config.connection_settings(), config.drain_settings());
+        match &self.settings {
+            None => {
+                let server = Server::new(factory, state.clone(), settings, drain);
+                tokio::spawn(server.run(listener, shutdown))
+            }
+            Some(proxy) => {
+                let factory =
+                    ProxyProtocolFactory::new(factory, proxy.clone(), self.metrics.clone());
+                let server = Server::new(factory, state.clone(), settings, drain);
+                tokio::spawn(server.run(listener, shutdown))
+            }
+        }
+    }
 }

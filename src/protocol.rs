@@ -38,6 +38,15 @@ pub trait Protocol: Send + Unpin + 'static {
     fn connection_lost(&mut self, reason: LossReason) {
         let _ = reason;
     }
+
+    /// A moment by which the protocol needs something to have happened, and the reason to end
+    /// the connection with if it has not (the PROXY header layer uses it for
+    /// `--proxy-header-timeout`). The driver asks after every callback and closes the
+    /// connection (without flushing) once the deadline passes; `None`, the default, sets none.
+    /// Wrapping protocols forward it.
+    fn deadline(&self) -> Option<(tokio::time::Instant, LossReason)> {
+        None
+    }
 }
 
 /// Why a connection ended. The label of each variant is a fixed metric label value and the
@@ -64,11 +73,15 @@ pub enum LossReason {
     Aborted,
     /// The protocol panicked; the connection task was unwound.
     Panic,
+    /// A trusted peer did not complete its PROXY header within `--proxy-header-timeout`.
+    ProxyTimeout,
+    /// A TLS client did not complete its handshake within `--tls-handshake-timeout`.
+    HandshakeTimeout,
 }
 
 impl LossReason {
     /// Every label value, in [`LossReason::index`] order.
-    pub const LABELS: [&'static str; 10] = [
+    pub const LABELS: [&'static str; 12] = [
         "peer_closed",
         "closed",
         "max_age",
@@ -79,6 +92,8 @@ impl LossReason {
         "shutdown",
         "aborted",
         "panic",
+        "proxy_timeout",
+        "handshake_timeout",
     ];
 
     /// Position of this reason in [`LossReason::LABELS`] (for per-reason counter arrays).
@@ -94,6 +109,8 @@ impl LossReason {
             LossReason::Shutdown => 7,
             LossReason::Aborted => 8,
             LossReason::Panic => 9,
+            LossReason::ProxyTimeout => 10,
+            LossReason::HandshakeTimeout => 11,
         }
     }
 
@@ -139,6 +156,8 @@ mod tests {
             LossReason::Shutdown,
             LossReason::Aborted,
             LossReason::Panic,
+            LossReason::ProxyTimeout,
+            LossReason::HandshakeTimeout,
         ];
         for (i, reason) in all.iter().enumerate() {
             assert_eq!(reason.index(), i);

@@ -61,6 +61,19 @@ impl PolicyClock {
         }))
     }
 
+    /// A clock with no policy of its own, for a protocol's deadline
+    /// ([`Protocol::deadline`](crate::Protocol::deadline)) on a connection without time policies.
+    pub fn bare() -> Box<Self> {
+        let now = Instant::now();
+        Box::new(PolicyClock {
+            timer: Box::pin(tokio::time::sleep_until(after(now, FAR_FUTURE))),
+            last_activity: now,
+            stalled_since: None,
+            max_age_at: None,
+            throttle: None,
+        })
+    }
+
     /// Bytes moved at `now`; `pending` says whether data still waits for the peer.
     pub fn record_write_progress(&mut self, now: Instant, pending: bool) {
         self.last_activity = now;

@@ -22,7 +22,7 @@
 //!   [`LIFECYCLE_LOG_TARGET`], which the OTLP layer does not export) and carries the trace id
 //!   when exporting. Both log lines carry the connection id and peer.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -76,6 +76,7 @@ impl<F: Factory> Factory for InstrumentedFactory<F> {
             peer_port: conn.peer.port(),
             local_ip: conn.local.ip(),
             local_port: conn.local.port(),
+            proxied: false,
             recorded: false,
         })
     }
@@ -103,6 +104,10 @@ pub struct InstrumentedProtocol<P> {
     peer_port: u16,
     local_ip: IpAddr,
     local_port: u16,
+    /// A PROXY header layer outside reported an original client other than the peer (the
+    /// transport's `peer_addr()` at `connection_made`); its `client.*` attributes were set on
+    /// the span then (a flag, not the address: it costs no bytes in every connection's task).
+    proxied: bool,
     /// Set by `connection_lost`; if the protocol is dropped without it (a panic), `Drop`
     /// records the loss so the histogram and the span agree with `lost{reason="panic"}`.
     recorded: bool,
@@ -110,6 +115,13 @@ pub struct InstrumentedProtocol<P> {
 
 impl<P: Protocol> Protocol for InstrumentedProtocol<P> {
     fn connection_made(&mut self, transport: &mut dyn Transport) {
+        let client = transport.peer_addr();
+        if client != SocketAddr::new(self.peer_ip, self.peer_port) {
+            self.proxied = true;
+            if !self.span.is_disabled() {
+                set_client(&self.span, client);
+            }
+        }
         if tracing::enabled!(target: LIFECYCLE_LOG_TARGET, tracing::Level::DEBUG) {
             tracing::debug!(
                 target: LIFECYCLE_LOG_TARGET,
@@ -117,6 +129,8 @@ impl<P: Protocol> Protocol for InstrumentedProtocol<P> {
                 connection_id = self.id,
                 peer_address = %self.peer_ip,
                 peer_port = self.peer_port,
+                client_address = %client.ip(),
+                client_port = client.port(),
                 trace_id = trace_id(&self.span).as_deref(),
                 "connection made"
             );
@@ -144,6 +158,10 @@ impl<P: Protocol> Protocol for InstrumentedProtocol<P> {
         self.record_loss(reason);
         let _entered = self.span.enter();
         self.inner.connection_lost(reason);
+    }
+
+    fn deadline(&self) -> Option<(tokio::time::Instant, LossReason)> {
+        self.inner.deadline()
     }
 }
 
@@ -174,6 +192,13 @@ fn record_tls(span: &Span, tls: &TlsInfo) {
             span.set_attribute(key, value.clone());
         }
     }
+}
+
+/// The OpenTelemetry `client.*` attributes: the original client (`network.peer.*` is the
+/// socket's peer, which is the proxy when a PROXY header was used).
+fn set_client(span: &Span, client: SocketAddr) {
+    span.set_attribute("client.address", client.ip().to_string());
+    span.set_attribute("client.port", i64::from(client.port()));
 }
 
 /// The OTLP trace id of `span`, when it is being exported. Only called while debug logging is
@@ -225,6 +250,9 @@ impl<P> InstrumentedProtocol<P> {
             ] {
                 span.set_attribute(key, value);
             }
+            if !self.proxied {
+                set_client(span, SocketAddr::new(self.peer_ip, self.peer_port));
+            }
             if !reason.is_clean() {
                 span.set_status(Status::error(reason.label()));
             }
@@ -240,6 +268,7 @@ impl<P> InstrumentedProtocol<P> {
             connection_id = self.id,
             peer_address = %self.peer_ip,
             peer_port = self.peer_port,
+            proxied = self.proxied,
             received_bytes = self.received as i64,
             sent_bytes = self.sent as i64,
             "connection lost"

@@ -13,6 +13,7 @@ use prometheus::{
     Registry,
 };
 
+use crate::proxy_protocol::{ProxyResult, Version};
 use crate::state::ServiceState;
 
 /// The content type of the Prometheus text exposition format 0.0.4, which Prometheus 2.x and
@@ -242,6 +243,51 @@ impl TlsFamilies {
     }
 }
 
+/// `echo_proxy_headers_total{version, result}`: one counter per outcome of the PROXY header
+/// layer, every label pair created up front so dashboards see zeros rather than gaps.
+#[derive(Debug)]
+pub struct ProxyMetrics {
+    /// Indexed by version (`none`, `v1`, `v2`) then [`ProxyResult::index`].
+    counters: [[IntCounter; 5]; 3],
+}
+
+impl ProxyMetrics {
+    /// The `version` label values, in index order.
+    pub const VERSIONS: [&'static str; 3] = ["none", "v1", "v2"];
+
+    /// Register `echo_proxy_headers_total` in `registry`.
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let vec = IntCounterVec::new(
+            Opts::new(
+                "echo_proxy_headers_total",
+                "PROXY protocol headers by version (none: no header) and result.",
+            ),
+            &["version", "result"],
+        )?;
+        registry.register(Box::new(vec.clone()))?;
+        let counters = Self::VERSIONS.map(|version| {
+            ProxyResult::LABELS.map(|result| vec.with_label_values(&[version, result]))
+        });
+        Ok(ProxyMetrics { counters })
+    }
+
+    /// Count one header outcome (`version` `None` when no header was seen).
+    pub fn count(&self, version: Option<Version>, result: ProxyResult) {
+        let v = match version {
+            None => 0,
+            Some(Version::V1) => 1,
+            Some(Version::V2) => 2,
+        };
+        self.counters[v][result.index()].inc();
+    }
+
+    /// The current count of one outcome (for tests).
+    pub fn get(&self, version: Option<Version>, result: ProxyResult) -> u64 {
+        let v = version.map_or(0, |v| v as usize + 1);
+        self.counters[v][result.index()].get()
+    }
+}
+
 /// The registry with everything in it, plus the handles the hot path needs.
 pub struct Metrics {
     registry: Registry,
@@ -253,6 +299,8 @@ pub struct Metrics {
     pub datagrams: DatagramFamilies,
     /// The TLS listeners' metrics.
     pub tls: TlsFamilies,
+    /// Handed to the PROXY header layer.
+    pub proxy: Arc<ProxyMetrics>,
 }
 
 impl Metrics {
@@ -302,12 +350,14 @@ impl Metrics {
         let admin = AdminMetrics::register(&registry)?;
         let datagrams = DatagramFamilies::register(&registry)?;
         let tls = TlsFamilies::register(&registry)?;
+        let proxy = ProxyMetrics::register(&registry)?;
         Ok(Metrics {
             registry,
             traffic: Arc::new(traffic),
             admin,
             datagrams,
             tls,
+            proxy: Arc::new(proxy),
         })
     }
 
@@ -351,6 +401,7 @@ mod tests {
             "echo_admin_accept_errors_total",
             "process_resident_memory_bytes",
             "process_open_fds",
+            "echo_proxy_headers_total{result=\"timeout\",version=\"none\"} 0",
         ] {
             assert!(text.contains(name), "missing {name} in:\n{text}");
         }

@@ -10,13 +10,15 @@
 //! - A `close_notify` from the peer is answered with ours after everything before it was
 //!   echoed; the peer's FIN then ends the connection as usual (half-close through TLS).
 //! - A failed handshake sends rustls's alert, closes the connection and is counted by cause in
-//!   `echo_tls_handshakes_total{result}`.
+//!   `echo_tls_handshakes_total{result}`. One not complete by `--tls-handshake-timeout` is
+//!   ended by the driver through [`Protocol::deadline`] (`lost{reason="handshake_timeout"}`).
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use rustls::{AlertDescription, CertificateError, Error as TlsError, ServerConnection};
+use tokio::time::Instant;
 
 use super::store::CertStore;
 use super::x509;
@@ -46,6 +48,7 @@ impl<F: Factory> Factory for TlsFactory<F> {
         let session = ServerConnection::new(self.store.config());
         Ok(TlsProtocol {
             inner,
+            handshake_deadline: Instant::now() + self.store.settings().handshake_timeout,
             session: session.ok().map(Box::new),
             metrics: self.store.metrics().clone(),
             info: None,
@@ -81,6 +84,8 @@ pub struct TlsProtocol<P> {
     /// What was negotiated, once the handshake is complete.
     info: Option<Box<TlsInfo>>,
     phase: Phase,
+    /// When the handshake must be complete (`--tls-handshake-timeout`).
+    handshake_deadline: Instant,
     /// Plaintext bytes the wrapped protocol wrote whose ciphertext the kernel has not taken yet.
     plain_unsent: u64,
     /// Ciphertext bytes handed to the driver and not yet reported sent.
@@ -280,10 +285,21 @@ impl<P: Protocol> Protocol for TlsProtocol<P> {
 
     fn connection_lost(&mut self, reason: LossReason) {
         if self.phase == Phase::Handshaking {
-            // Gone before finishing the handshake (a scanner, a client that gave up).
-            self.metrics.handshake("other").inc();
+            // Too slow, or gone before finishing (a scanner, a client that gave up).
+            let result = match reason {
+                LossReason::HandshakeTimeout => "timeout",
+                _ => "other",
+            };
+            self.metrics.handshake(result).inc();
         }
         self.inner.connection_lost(reason);
+    }
+
+    fn deadline(&self) -> Option<(Instant, LossReason)> {
+        match self.phase {
+            Phase::Handshaking => Some((self.handshake_deadline, LossReason::HandshakeTimeout)),
+            _ => self.inner.deadline(),
+        }
     }
 }
 

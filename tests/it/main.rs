@@ -11,6 +11,8 @@ mod hardening;
 mod metrics;
 mod otlp_receiver;
 mod policies;
+mod proxy;
+mod proxy_interop;
 mod support;
 mod tls;
 mod tracing;

@@ -557,3 +557,35 @@ fn the_expiry_gauge_shows_the_certificates_not_after_even_when_expired() {
         "{gauge} vs {end}"
     );
 }
+
+#[test]
+fn a_client_that_never_finishes_its_handshake_is_closed_at_the_timeout() {
+    let dir = pki("ecdsa");
+    let service = start(&dir, &["--tls-handshake-timeout", "500ms"], &[]);
+    let addr = tls_addr(&service);
+    // One sends nothing; one sends the first bytes of a ClientHello and stops.
+    let mut silent = connect(addr);
+    let mut partial = connect(addr);
+    partial
+        .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+        .unwrap();
+    let opened = Instant::now();
+    for stream in [&mut silent, &mut partial] {
+        let mut buf = [0u8; 64];
+        // The server closes (EOF, or a reset after an alert): either way not before 500 ms.
+        let _ = stream.read(&mut buf);
+    }
+    let waited = opened.elapsed();
+    eprintln!("closed after {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(450),
+        "closed after {waited:?}"
+    );
+    let metrics = service.wait_metrics("two handshake timeouts", |m| {
+        m.get("echo_tls_handshakes_total{listener=\"tls\",result=\"timeout\"}") == 2.0
+    });
+    assert_eq!(
+        metrics.get("echo_connections_lost_total{reason=\"handshake_timeout\"}"),
+        2.0
+    );
+}
