@@ -136,6 +136,7 @@ ctx.minimum_version = ctx.maximum_version = v
 if args.get("alpn"): ctx.set_alpn_protocols(args["alpn"])
 if args.get("cert"): ctx.load_cert_chain(args["cert"], args["key"])
 raw = socket.create_connection((args["host"], args["port"]), timeout=10)
+if args.get("proxy_v1"): raw.sendall(args["proxy_v1"].encode())
 out = {}
 try:
     s = ctx.wrap_socket(raw, server_hostname=args.get("sni", "localhost"))
@@ -587,5 +588,28 @@ fn a_client_that_never_finishes_its_handshake_is_closed_at_the_timeout() {
     assert_eq!(
         metrics.get("echo_connections_lost_total{reason=\"handshake_timeout\"}"),
         2.0
+    );
+}
+
+#[test]
+fn a_proxy_header_comes_before_the_handshake() {
+    let dir = pki("ecdsa");
+    let service = start(&dir, &["--proxy-protocol", "required"], &[]);
+    let mut args = base(&service, &dir);
+    args["proxy_v1"] = "PROXY TCP4 203.0.113.7 127.0.0.1 56324 8443\r\n".into();
+    args["size"] = 5000.into();
+    let result = client(args);
+    assert_eq!(result["ok"], true, "{result}");
+    let metrics = service.wait_metrics("the connection to end", |m| {
+        m.get("echo_connections_lost_total{reason=\"peer_closed\"}") == 1.0
+    });
+    assert_eq!(
+        metrics.get("echo_proxy_headers_total{result=\"ok\",version=\"v1\"}"),
+        1.0,
+        "{metrics:?}"
+    );
+    assert_eq!(
+        metrics.get("echo_tls_handshakes_total{listener=\"tls\",result=\"ok\"}"),
+        1.0
     );
 }
