@@ -101,6 +101,12 @@ pub struct Config {
     #[arg(long, env = "ECHO_THROTTLE_BYTES_PER_SECOND", value_parser = clap::value_parser!(u64).range(1..), allow_negative_numbers = true, value_name = "BYTES")]
     pub throttle_bytes_per_second: Option<u64>,
 
+    /// After a max-connection-age close starts, how long it may take to flush what is pending
+    /// before the connection is reset (`lost{reason="max_age_grace"}`), so a peer that does not
+    /// read cannot hold it open. `0s`: reset at once if anything is still unsent.
+    #[arg(long, env = "ECHO_MAX_CONNECTION_AGE_GRACE", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    pub max_connection_age_grace: Duration,
+
     /// Log filter, RUST_LOG syntax (e.g. `info`, `echo_service=debug`).
     #[arg(
         long,
@@ -154,6 +160,7 @@ impl Config {
             max_age: self.max_connection_age,
             max_age_jitter: self.max_connection_age_jitter,
             throttle_bytes_per_second: self.throttle_bytes_per_second,
+            max_age_grace: self.max_connection_age_grace,
         }
     }
 

@@ -48,7 +48,10 @@ pub enum LossReason {
     PeerClosed,
     /// The protocol called [`Transport::lose_connection`]; pending data was flushed, then FIN.
     Closed,
-    /// The connection outlived `--max-connection-age`; it was closed gracefully (flush, then FIN).
+    /// The connection outlived `--max-connection-age`; it was closed gracefully (flush, then FIN)
+    /// and the peer closed its side, or did not within the linger. A peer that resets the
+    /// connection during the linger (it closed without reading everything we echoed) is counted
+    /// as [`LossReason::Reset`] instead: bytes were lost.
     MaxAge,
     /// The peer reset the connection (ECONNRESET, EPIPE, ...).
     Reset,
@@ -64,11 +67,15 @@ pub enum LossReason {
     Aborted,
     /// The protocol panicked; the connection task was unwound.
     Panic,
+    /// A `--max-connection-age` close did not finish flushing within
+    /// `--max-connection-age-grace` (the peer was not reading); the connection was reset and
+    /// the unsent bytes were dropped.
+    MaxAgeGrace,
 }
 
 impl LossReason {
     /// Every label value, in [`LossReason::index`] order.
-    pub const LABELS: [&'static str; 10] = [
+    pub const LABELS: [&'static str; 11] = [
         "peer_closed",
         "closed",
         "max_age",
@@ -79,6 +86,7 @@ impl LossReason {
         "shutdown",
         "aborted",
         "panic",
+        "max_age_grace",
     ];
 
     /// Position of this reason in [`LossReason::LABELS`] (for per-reason counter arrays).
@@ -94,6 +102,7 @@ impl LossReason {
             LossReason::Shutdown => 7,
             LossReason::Aborted => 8,
             LossReason::Panic => 9,
+            LossReason::MaxAgeGrace => 10,
         }
     }
 
@@ -139,6 +148,7 @@ mod tests {
             LossReason::Shutdown,
             LossReason::Aborted,
             LossReason::Panic,
+            LossReason::MaxAgeGrace,
         ];
         for (i, reason) in all.iter().enumerate() {
             assert_eq!(reason.index(), i);
