@@ -347,6 +347,77 @@ mod tests {
         running.await.unwrap();
     }
 
+    /// Echoes after blocking its worker thread for a while on each read: a protocol that
+    /// cannot see the shutdown abort until its callback returns.
+    struct Sluggish;
+
+    impl Protocol for Sluggish {
+        fn data_received(&mut self, data: &[u8], transport: &mut dyn Transport) {
+            std::thread::sleep(Duration::from_millis(2500));
+            transport.write(data);
+        }
+    }
+
+    /// Builds `Sluggish` protocols and records how many connections were still open when
+    /// `stop_factory` ran.
+    struct SluggishFactory {
+        state: Arc<ServiceState>,
+        active_at_stop: Arc<std::sync::Mutex<Option<i64>>>,
+    }
+
+    impl Factory for SluggishFactory {
+        type Protocol = Sluggish;
+
+        fn build_protocol(&self, _conn: &ConnectionInfo) -> Result<Sluggish, Refusal> {
+            Ok(Sluggish)
+        }
+
+        fn stop_factory(&self) {
+            *self.active_at_stop.lock().unwrap() = Some(self.state.stats.active.get());
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn run_returns_and_stops_the_factory_only_after_the_last_connection_is_gone() {
+        let state = Arc::new(ServiceState::new(None));
+        let active_at_stop = Arc::default();
+        let factory = SluggishFactory {
+            state: state.clone(),
+            active_at_stop: Arc::clone(&active_at_stop),
+        };
+        let listener = bind("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let drain = DrainSettings {
+            drain_delay: Duration::ZERO,
+            shutdown_timeout: Duration::from_millis(100),
+        };
+        let server = Server::new(factory, state.clone(), ConnectionSettings::default(), drain);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(server.run(listener, async {
+            let _ = stopped.await;
+        }));
+        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        client.write_all(b"slow").await.unwrap();
+        while state.stats.made.get() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await; // inside data_received now
+        stop.send(()).unwrap();
+        // The connection outlives the shutdown timeout and the abort by its blocked callback.
+        running.await.unwrap();
+        assert_eq!(
+            state.stats.active.get(),
+            0,
+            "run returned with a live connection"
+        );
+        assert_eq!(
+            *active_at_stop.lock().unwrap(),
+            Some(0),
+            "stop_factory ran too early"
+        );
+        assert_eq!(state.stats.lost(LossReason::Shutdown).get(), 1);
+    }
+
     #[test]
     fn only_the_ipv6_wildcard_falls_back_and_only_when_ipv6_is_missing() {
         let wildcard: SocketAddr = "[::]:8000".parse().unwrap();
