@@ -93,6 +93,17 @@ def scenarios(args, idle_cap):
                         ("server CPU us/conn", "server.cpu_us_per_conn", "lower"),
                         ("p99 us", "latency_us.p99", "lower")],
         },
+        # Issue 15: one connection's ping-pong latency while a neighbour streams bulk through
+        # the same single server core. The neighbour is a second echo-bench (bulk) started
+        # just before the measured one and running through its warm-up and window.
+        "neighbour": {
+            "args": ["ping-pong", "-c", "1", "-s", "64"] + timed,
+            "neighbour": ["bulk", "-c", "1", "-s", "64KiB",
+                          "--duration", f"{args.warmup + args.duration + 1}s", "--warmup", "0s"],
+            "metrics": [("p99 us", "latency_us.p99", "lower"),
+                        ("p50 us", "latency_us.p50", "lower"),
+                        ("msgs/s", "msgs_per_s", "higher")],
+        },
         "idle-10k": {
             "args": ["idle", "-c", "10000"] + idle,
             "idle": True,
@@ -247,7 +258,22 @@ class Suite:
             bound = self.args.duration + self.args.warmup + self.args.idle_hold + 120
             busy0, srv0, cli0, t0 = (cpu_busy_s(), proc_cpu_s(server.pid), children_cpu_s(),
                                      time.monotonic())
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=bound)
+            neighbour = None
+            if "neighbour" in scenario:
+                neighbour = subprocess.Popen(
+                    ["taskset", "-c", CLIENT_CPU, os.path.join(self.bin, "echo-bench")]
+                    + scenario["neighbour"] + ["--target", f"127.0.0.1:{port}", "--quiet"],
+                    stdout=subprocess.DEVNULL, stderr=self.log, stdin=subprocess.DEVNULL)
+                time.sleep(0.2)  # the stream is flowing before the measured client connects
+            try:
+                out = subprocess.run(cmd, capture_output=True, text=True, timeout=bound)
+            finally:
+                if neighbour is not None:
+                    try:
+                        neighbour.wait(timeout=self.args.duration + 10)
+                    except subprocess.TimeoutExpired:
+                        neighbour.kill()  # by PID: the one we started
+                        neighbour.wait()
             # CPU used by anything but this server, this client and the OTLP sink: noise.
             other = (cpu_busy_s() - busy0) - (proc_cpu_s(server.pid) - srv0) \
                 - (children_cpu_s() - cli0) - self.sink_cpu_delta()
@@ -339,6 +365,9 @@ def targets(results, scen):
     check("bulk: MB/s >= 1.0x tokio 64 KiB", a and b and a / b, 1.0, lambda v, l: v >= l)
     a, b = m("pp-64x1", es, "latency_us.p99"), m("pp-64x1", rd, "latency_us.p99")
     check("1 connection: p99 <= 1.1x tokio README", a and b and a / b, 1.1, lambda v, l: v <= l)
+    a, b = m("neighbour", es, "latency_us.p99"), m("neighbour", tk, "latency_us.p99")
+    check("ping-pong next to a bulk stream: p99 <= 1.1x tokio 64 KiB", a and b and a / b, 1.1,
+          lambda v, l: v <= l)
     check("idle 10k, export on: RSS/conn <= 1.75 KiB",
           m("idle-10k", es, "server.rss_per_conn_kib"), 1.75, lambda v, l: v <= l)
     check("idle 10k, export off: RSS/conn <= 1.0 KiB",

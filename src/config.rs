@@ -107,6 +107,12 @@ pub struct Config {
     #[arg(long, env = "ECHO_THROTTLE_BYTES_PER_SECOND", value_parser = parse_rate, allow_hyphen_values = true, value_name = "BYTES")]
     pub throttle_bytes_per_second: Option<u64>,
 
+    /// After a max-connection-age close starts, how long it may take to flush what is pending
+    /// before the connection is reset (`lost{reason="max_age_grace"}`), so a peer that does not
+    /// read cannot hold it open. `0s`: reset at once if anything is still unsent.
+    #[arg(long, env = "ECHO_MAX_CONNECTION_AGE_GRACE", default_value = "10s", value_parser = parse_duration, allow_hyphen_values = true, value_name = "DURATION")]
+    pub max_connection_age_grace: Duration,
+
     /// Log filter: comma-separated directives, each a level (`trace`, `debug`, `info`, `warn`,
     /// `error`, `off`) or `TARGET=LEVEL` (e.g. `info,echo_service=debug`).
     #[arg(
@@ -275,6 +281,7 @@ impl Config {
             max_age: self.max_connection_age,
             max_age_jitter: self.max_connection_age_jitter,
             throttle_bytes_per_second: self.throttle_bytes_per_second,
+            max_age_grace: self.max_connection_age_grace,
         }
     }
 

@@ -57,7 +57,10 @@ pub enum LossReason {
     PeerClosed,
     /// The protocol called [`Transport::lose_connection`]; pending data was flushed, then FIN.
     Closed,
-    /// The connection outlived `--max-connection-age`; it was closed gracefully (flush, then FIN).
+    /// The connection outlived `--max-connection-age`; it was closed gracefully (flush, then FIN)
+    /// and the peer closed its side, or did not within the linger. A peer that resets the
+    /// connection during the linger (it closed without reading everything we echoed) is counted
+    /// as [`LossReason::Reset`] instead: bytes were lost.
     MaxAge,
     /// The peer reset the connection (ECONNRESET, EPIPE, ...).
     Reset,
@@ -77,11 +80,15 @@ pub enum LossReason {
     ProxyTimeout,
     /// A TLS client did not complete its handshake within `--tls-handshake-timeout`.
     HandshakeTimeout,
+    /// A `--max-connection-age` close did not finish flushing within
+    /// `--max-connection-age-grace` (the peer was not reading); the connection was reset and
+    /// the unsent bytes were dropped.
+    MaxAgeGrace,
 }
 
 impl LossReason {
     /// Every label value, in [`LossReason::index`] order.
-    pub const LABELS: [&'static str; 12] = [
+    pub const LABELS: [&'static str; 13] = [
         "peer_closed",
         "closed",
         "max_age",
@@ -94,6 +101,7 @@ impl LossReason {
         "panic",
         "proxy_timeout",
         "handshake_timeout",
+        "max_age_grace",
     ];
 
     /// Position of this reason in [`LossReason::LABELS`] (for per-reason counter arrays).
@@ -111,6 +119,7 @@ impl LossReason {
             LossReason::Panic => 9,
             LossReason::ProxyTimeout => 10,
             LossReason::HandshakeTimeout => 11,
+            LossReason::MaxAgeGrace => 12,
         }
     }
 
@@ -158,6 +167,7 @@ mod tests {
             LossReason::Panic,
             LossReason::ProxyTimeout,
             LossReason::HandshakeTimeout,
+            LossReason::MaxAgeGrace,
         ];
         for (i, reason) in all.iter().enumerate() {
             assert_eq!(reason.index(), i);

@@ -8,7 +8,9 @@
 //!    `drain_delay`, because load balancers and Kubernetes endpoints take a while to notice.
 //! 3. **Stopping**: drop the listener (the kernel now refuses new connections) and give open
 //!    connections `shutdown_timeout` to finish, echoing everything they send.
-//! 4. Abort what is still open (loss reason `shutdown`), call the factory's stop hook, return.
+//! 4. Abort what is still open (loss reason `shutdown`), wait until every connection task is
+//!    gone, then call the factory's stop hook and return. `run` never returns while a
+//!    connection task is alive.
 //!
 //! Connection tasks count themselves in the shared `active` gauge (up when created, down when
 //! dropped) and the last one out notifies the server, which is how it knows all connections
@@ -20,17 +22,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Notify;
 
-use crate::abort::AbortSignal;
 use crate::accept::AcceptBackoff;
 use crate::connection::{canonical, ConnectionSettings, ConnectionShared, ConnectionTask};
 use crate::factory::{ConnectionInfo, Factory};
 use crate::state::{Phase, ServiceState};
 
-/// After the shutdown timeout, how long aborted connections get to unwind before the server
-/// returns anyway.
-const ABORT_GRACE: Duration = Duration::from_secs(1);
+/// After the shutdown timeout has aborted the open connections, how long to wait for them to
+/// unwind before logging that some are slow to (the wait itself goes on until they are gone).
+const ABORT_WARN_AFTER: Duration = Duration::from_secs(1);
 
 /// The phase timing of a graceful shutdown.
 #[derive(Debug, Clone, Copy)]
@@ -62,12 +62,7 @@ impl<F: Factory> Server<F> {
         settings.write_buffer_limit = settings.write_buffer_limit.max(1);
         Server {
             factory: Arc::new(factory),
-            shared: Arc::new(ConnectionShared {
-                settings,
-                state: state.clone(),
-                abort: AbortSignal::default(),
-                all_closed: Notify::new(),
-            }),
+            shared: Arc::new(ConnectionShared::new(settings, state.clone())),
             state,
             drain,
         }
@@ -119,9 +114,21 @@ impl<F: Factory> Server<F> {
                 "shutdown timeout: aborting open connections"
             );
             self.shared.abort.abort_all();
-            let _ = tokio::time::timeout(ABORT_GRACE, self.all_closed()).await;
+            // An aborted task ends at its next poll; only a protocol callback that blocks its
+            // thread can hold one up. Wait for every one anyway: returning earlier would let
+            // the runtime drop live tasks and run `stop_factory` while connections still use
+            // the factory's state.
+            if tokio::time::timeout(ABORT_WARN_AFTER, self.all_closed())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    active = self.state.stats.active.get(),
+                    "connections slow to unwind after the abort: still waiting"
+                );
+                self.all_closed().await;
+            }
         }
-        // Connections still unwinding after ABORT_GRACE are not waited for.
         self.factory.stop_factory();
         tracing::info!("server stopped");
     }
@@ -338,6 +345,77 @@ mod tests {
         assert_eq!(state.stats.made.get(), 2);
         stop.send(()).unwrap();
         running.await.unwrap();
+    }
+
+    /// Echoes after blocking its worker thread for a while on each read: a protocol that
+    /// cannot see the shutdown abort until its callback returns.
+    struct Sluggish;
+
+    impl Protocol for Sluggish {
+        fn data_received(&mut self, data: &[u8], transport: &mut dyn Transport) {
+            std::thread::sleep(Duration::from_millis(2500));
+            transport.write(data);
+        }
+    }
+
+    /// Builds `Sluggish` protocols and records how many connections were still open when
+    /// `stop_factory` ran.
+    struct SluggishFactory {
+        state: Arc<ServiceState>,
+        active_at_stop: Arc<std::sync::Mutex<Option<i64>>>,
+    }
+
+    impl Factory for SluggishFactory {
+        type Protocol = Sluggish;
+
+        fn build_protocol(&self, _conn: &ConnectionInfo) -> Result<Sluggish, Refusal> {
+            Ok(Sluggish)
+        }
+
+        fn stop_factory(&self) {
+            *self.active_at_stop.lock().unwrap() = Some(self.state.stats.active.get());
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn run_returns_and_stops_the_factory_only_after_the_last_connection_is_gone() {
+        let state = Arc::new(ServiceState::new(None));
+        let active_at_stop = Arc::default();
+        let factory = SluggishFactory {
+            state: state.clone(),
+            active_at_stop: Arc::clone(&active_at_stop),
+        };
+        let listener = bind("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let drain = DrainSettings {
+            drain_delay: Duration::ZERO,
+            shutdown_timeout: Duration::from_millis(100),
+        };
+        let server = Server::new(factory, state.clone(), ConnectionSettings::default(), drain);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(server.run(listener, async {
+            let _ = stopped.await;
+        }));
+        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        client.write_all(b"slow").await.unwrap();
+        while state.stats.made.get() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await; // inside data_received now
+        stop.send(()).unwrap();
+        // The connection outlives the shutdown timeout and the abort by its blocked callback.
+        running.await.unwrap();
+        assert_eq!(
+            state.stats.active.get(),
+            0,
+            "run returned with a live connection"
+        );
+        assert_eq!(
+            *active_at_stop.lock().unwrap(),
+            Some(0),
+            "stop_factory ran too early"
+        );
+        assert_eq!(state.stats.lost(LossReason::Shutdown).get(), 1);
     }
 
     #[test]

@@ -50,7 +50,9 @@ pub struct TlsInfo {
     pub client_subject: Option<String>,
 }
 
-/// A transport that keeps what is written in memory, for unit tests of protocols.
+/// A transport that keeps what is written in memory, for unit tests of protocols. It obeys the
+/// [`Transport`] contract exactly as the server's transport does (the driver's tests check both
+/// against the same rules).
 #[derive(Debug)]
 pub struct MemoryTransport {
     written: Vec<u8>,
@@ -108,8 +110,10 @@ impl Default for MemoryTransport {
 }
 
 impl Transport for MemoryTransport {
+    /// Like the server's transport: writes after `lose_connection` or `abort_connection` are
+    /// dropped, so a protocol cannot pass here with behaviour production does not have.
     fn write(&mut self, data: &[u8]) {
-        if !self.aborted {
+        if !self.aborted && !self.disconnecting {
             self.written.extend_from_slice(data);
         }
     }

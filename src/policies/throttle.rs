@@ -26,12 +26,17 @@ impl Throttle {
         }
     }
 
-    /// Add the tokens earned since the last refill.
+    /// Add the tokens earned since the last refill. At or after [`Throttle::resume_at`] the
+    /// bucket is out of debt even if floating-point rounding says otherwise, so the two agree.
     pub fn refill(&mut self, now: Instant) {
+        let due = self.resume_at().is_some_and(|at| now >= at);
         let elapsed = now
             .saturating_duration_since(self.refilled_at)
             .as_secs_f64();
         self.tokens = (self.tokens + elapsed * self.rate).min(self.rate);
+        if due {
+            self.tokens = self.tokens.max(0.0);
+        }
         self.refilled_at = now;
     }
 
@@ -54,8 +59,11 @@ impl Throttle {
 
     /// When reading may resume, if the bucket is in debt.
     pub fn resume_at(&self) -> Option<Instant> {
-        self.in_debt()
-            .then(|| self.refilled_at + Duration::from_secs_f64(-self.tokens / self.rate))
+        // Rounded up to the next nanosecond and at least one: always after the last refill.
+        self.in_debt().then(|| {
+            let nanos = (-self.tokens / self.rate * 1e9).ceil().clamp(1.0, 1e18);
+            self.refilled_at + Duration::from_nanos(nanos as u64)
+        })
     }
 }
 

@@ -61,6 +61,11 @@ fn each_invalid_setting_is_named_in_a_one_line_error() {
             "--max-connection-age-jitter",
         ),
         (
+            &["--max-connection-age-grace", "forever"],
+            &[],
+            "--max-connection-age-grace",
+        ),
+        (
             &["--throttle-bytes-per-second", "0"],
             &[],
             "--throttle-bytes-per-second",

@@ -79,6 +79,18 @@ fn sigterm_drains_then_stops_accepting_then_closes_stragglers_and_exits_zero() {
     in_flight.read_to_end(&mut rest).expect("clean close");
     assert!(rest.is_empty());
 
+    // The straggler is still open and echoed just before drain delay + shutdown timeout (3 s):
+    // nothing cut it at SIGTERM or when the listener closed.
+    let just_before = signalled + Duration::from_millis(2600);
+    let now = Instant::now();
+    assert!(now < just_before, "test too slow to check the straggler");
+    std::thread::sleep(just_before - now);
+    round_trip_on_open(&mut straggler, b"still open");
+    assert!(
+        signalled.elapsed() < Duration::from_millis(2950),
+        "the straggler's round trip ran into the shutdown timeout"
+    );
+
     // The straggler is closed at the shutdown timeout, and the process exits 0 in time.
     let status = service
         .wait_exit(Duration::from_secs(6))

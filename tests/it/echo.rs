@@ -38,11 +38,38 @@ fn payloads_written_in_odd_pieces_come_back_identical() {
 }
 
 #[test]
-fn half_close_gets_everything_back_then_a_clean_eof() {
+fn half_close_under_backpressure_gets_everything_back_then_a_clean_eof() {
+    // Write without reading until the server stops taking bytes (its write buffer and the
+    // kernel's are full: backpressure holds), then half-close with data still pending on both
+    // sides. A blocking write_all here would hang instead of failing once buffers fill.
     let service = Service::start(&[]);
-    let data = payload(1024 * 1024, 42);
+    let total = 64 * 1024 * 1024;
+    let data = payload(total, 42);
     let mut stream = service.connect();
-    stream.write_all(&data).unwrap();
+    socket2::SockRef::from(&stream)
+        .set_recv_buffer_size(32 * 1024)
+        .unwrap();
+    stream.set_nonblocking(true).unwrap();
+    let mut written = 0;
+    let mut last_progress = Instant::now();
+    while written < total && last_progress.elapsed() < Duration::from_millis(500) {
+        match stream.write(&data[written..(written + 64 * 1024).min(total)]) {
+            Ok(n) => {
+                written += n;
+                last_progress = Instant::now();
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(e) => panic!("write failed: {e}"),
+        }
+    }
+    assert!(
+        written < total,
+        "the server never applied backpressure ({written} bytes taken)"
+    );
+    assert!(written >= 1024 * 1024, "only {written} bytes taken");
+    stream.set_nonblocking(false).unwrap();
     stream.shutdown(Shutdown::Write).unwrap();
     let mut back = Vec::new();
     // read_to_end only returns Ok on a clean FIN; a reset would be an error here.
@@ -50,10 +77,9 @@ fn half_close_gets_everything_back_then_a_clean_eof() {
         .read_to_end(&mut back)
         .expect("clean EOF after the echo");
     assert!(
-        back == data,
-        "got {} of {} bytes back",
-        back.len(),
-        data.len()
+        back == data[..written],
+        "got {} of {written} bytes back",
+        back.len()
     );
     service.wait_metrics("a peer_closed loss", |m| {
         m.get("echo_connections_lost_total{reason=\"peer_closed\"}") == 1.0

@@ -599,17 +599,17 @@ fn sigterm_under_load_from_fifty_clients_loses_no_bytes_and_exits_zero() {
 
 /// A network namespace with a veth pair to the host, deleted on drop (which also removes the
 /// veth pair), so a failing test leaves nothing behind.
-struct Netns {
-    name: String,
+pub(crate) struct Netns {
+    pub(crate) name: String,
     host_veth: String,
     /// The host end's address.
     host_ip: Ipv4Addr,
     /// The namespace end's address.
-    ns_ip: Ipv4Addr,
+    pub(crate) ns_ip: Ipv4Addr,
 }
 
 impl Netns {
-    fn create() -> Netns {
+    pub(crate) fn create() -> Netns {
         require("ip", "iproute2");
         require("nft", "nftables");
         let pid = std::process::id();
@@ -650,7 +650,7 @@ impl Netns {
     }
 
     /// Run `nft` inside the namespace with `args`.
-    fn nft(&self, args: &[&str]) -> String {
+    pub(crate) fn nft(&self, args: &[&str]) -> String {
         let mut all = vec!["netns", "exec", &self.name, "nft"];
         all.extend_from_slice(args);
         run("ip", &all)

@@ -501,3 +501,109 @@ fn throttle_limits_bytes_per_second_and_loses_nothing() {
         "{TOTAL} bytes took {took:?} at {RATE} B/s (expected about 3 s)"
     );
 }
+
+/// Write `chunk` until the server stops taking bytes for `quiet` (its buffers and ours are
+/// full), without reading; returns how many bytes were written.
+fn write_until_stalled(stream: &mut TcpStream, chunk: &[u8], quiet: Duration) -> usize {
+    stream.set_write_timeout(Some(quiet)).unwrap();
+    let mut written = 0usize;
+    loop {
+        match stream.write(chunk) {
+            Ok(n) => written += n,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return written
+            }
+            Err(e) => panic!("write failed before the stall: {e}"),
+        }
+    }
+}
+
+#[test]
+fn max_age_grace_resets_a_peer_that_never_reads_and_counts_it_apart() {
+    // Issue 15, defect 3: the max-age close used to wait for the flush without bound.
+    const AGE: Duration = Duration::from_secs(1);
+    const GRACE: Duration = Duration::from_secs(1);
+    let service = Service::start(&[
+        "--max-connection-age",
+        "1s",
+        "--max-connection-age-grace",
+        "1s",
+    ]);
+    let mut stream = service.connect();
+    let opened = Instant::now();
+    let written = write_until_stalled(
+        &mut stream,
+        &payload(64 * 1024, 3),
+        Duration::from_millis(300),
+    );
+    assert!(written > 0);
+    // Still not reading: the close starts at the age and is cut at age + grace.
+    let mut sink = vec![0u8; 1 << 20];
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    // Waiting for the cut without reading: poll the metrics instead of the socket.
+    let metrics = service.wait_metrics("lost{max_age_grace} = 1", |m| {
+        m.get(&lost("max_age_grace")) == 1.0
+    });
+    let took = opened.elapsed();
+    assert!(
+        took >= AGE + GRACE && took < AGE + GRACE + Duration::from_secs(3),
+        "cut after {took:?}, age {AGE:?} + grace {GRACE:?}"
+    );
+    assert_eq!(metrics.get(&lost("max_age")), 0.0);
+    assert_eq!(metrics.get("echo_connections_active"), 0.0);
+    // The peer sees a reset once it reads (what was echoed, then the RST).
+    let end = loop {
+        match stream.read(&mut sink) {
+            Ok(0) => break Ok(()),
+            Ok(_) => continue,
+            Err(e) => break Err(e),
+        }
+    };
+    assert!(
+        matches!(&end, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+        "expected a reset after the grace, got {end:?}"
+    );
+}
+
+#[test]
+fn a_peer_that_resets_during_the_max_age_linger_is_counted_as_reset() {
+    let service = Service::start(&["--max-connection-age", "500ms"]);
+    let mut stream = service.connect();
+    round_trip(&mut stream, b"hello");
+    // Send more and do not read it: the server echoes, reaches its age, FINs and lingers.
+    stream.write_all(&payload(4096, 5)).unwrap();
+    std::thread::sleep(Duration::from_millis(900));
+    // Closing with unread data in our receive buffer sends a reset: the echo was lost.
+    drop(stream);
+    let metrics = service.wait_metrics("one connection lost", |m| {
+        m.get(&lost("reset")) + m.get(&lost("max_age")) == 1.0
+    });
+    assert_eq!(metrics.get(&lost("reset")), 1.0, "{metrics:?}");
+    assert_eq!(metrics.get(&lost("max_age")), 0.0);
+}
+
+#[test]
+fn a_peer_that_never_reads_is_a_write_stall_even_with_a_shorter_idle_timeout() {
+    // Issue 12 §6: --idle-timeout <= --write-stall-timeout used to count such peers as idle.
+    const STALL: Duration = Duration::from_secs(2);
+    let service = Service::start(&["--idle-timeout", "500ms", "--write-stall-timeout", "2s"]);
+    let mut staller = service.connect();
+    let start = Instant::now();
+    write_until_stalled(
+        &mut staller,
+        &payload(64 * 1024, 11),
+        Duration::from_millis(200),
+    );
+    let metrics = service.wait_metrics("the staller is closed", |m| {
+        m.get(&lost("write_stall")) + m.get(&lost("idle_timeout")) == 1.0
+    });
+    let took = start.elapsed();
+    assert_eq!(metrics.get(&lost("write_stall")), 1.0, "{metrics:?}");
+    assert_eq!(metrics.get(&lost("idle_timeout")), 0.0);
+    assert!(
+        took >= STALL && took < STALL + Duration::from_secs(3),
+        "closed after {took:?}, write-stall timeout {STALL:?}"
+    );
+}

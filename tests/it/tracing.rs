@@ -456,25 +456,71 @@ fn traces_exporter_none_makes_no_connection_to_the_collector() {
     export_switched_off_makes_no_attempt("OTEL_TRACES_EXPORTER", "none");
 }
 
+/// SYNs the service sent to the default OTLP ports (4317 gRPC, 4318 HTTP) on any address,
+/// counted by nftables inside the service's own network namespace (so nothing else on the host
+/// can connect there, or be mistaken for the service).
+fn otlp_default_port_attempts(netns: &crate::faults::Netns) -> u64 {
+    let chain = netns.nft(&["list", "chain", "inet", "echo_otlp_watch", "output"]);
+    chain
+        .split_whitespace()
+        .skip_while(|w| *w != "packets")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no packet counter in {chain}"))
+}
+
+/// Run the service in `netns` with `env`, echo a few connections, stop it.
+fn run_in_netns(netns: &crate::faults::Netns, env: &[(&str, &str)]) -> Service {
+    let listen = format!("{}:0", netns.ns_ip);
+    let mut service = Service::spawn(crate::support::service_command(
+        &["ip", "netns", "exec", &netns.name],
+        &["--listen", &listen, "--admin-listen", &listen],
+        env,
+    ));
+    echo_connections(&service, &[5, 6, 7]);
+    wait_lost(&service, "peer_closed", 3);
+    stop(&mut service);
+    service
+}
+
 #[test]
 fn no_endpoint_means_export_off() {
-    // Everything but an endpoint: export must stay off.
-    let mut service = Service::start_with_env(
-        &[],
-        &[
-            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
-            ("OTEL_SERVICE_NAME", "echo-no-endpoint"),
-            ("OTEL_TRACES_SAMPLER", "always_on"),
-        ],
-    );
+    // Everything but an endpoint: export must stay off, and the SDK's default endpoint
+    // (localhost:4317 / :4318) must see no connection attempt at all.
+    let netns = crate::faults::Netns::create();
+    let ruleset = "table inet echo_otlp_watch {\n  chain output {\n    type filter hook output \
+                   priority 0; policy accept;\n    tcp dport { 4317, 4318 } tcp flags syn counter\n  }\n}\n";
+    let rules_file = std::env::temp_dir().join(format!("{}-otlp.nft", netns.name));
+    std::fs::write(&rules_file, ruleset).unwrap();
+    netns.nft(&["-f", rules_file.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&rules_file);
+    let env = [
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ("OTEL_SERVICE_NAME", "echo-no-endpoint"),
+        ("OTEL_TRACES_SAMPLER", "always_on"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ];
+    let service = run_in_netns(&netns, &env);
     assert!(
         !serving_otlp_flag(&service),
         "no endpoint: otlp must be off"
     );
     assert!(!logged_export_on(&service), "{}", logs(&service));
-    echo_connections(&service, &[5]);
-    wait_lost(&service, "peer_closed", 1);
-    stop(&mut service);
+    assert_eq!(
+        otlp_default_port_attempts(&netns),
+        0,
+        "no endpoint, yet the service tried a default OTLP port"
+    );
+
+    // Control: the same run pointed at the default endpoint does try it, so the counter
+    // would have seen an attempt.
+    let mut control_env = env.to_vec();
+    control_env.push(("OTEL_EXPORTER_OTLP_ENDPOINT", "http://localhost:4317"));
+    run_in_netns(&netns, &control_env);
+    assert!(
+        otlp_default_port_attempts(&netns) > 0,
+        "control run: no attempt counted, the watch does not work"
+    );
 }
 
 #[test]

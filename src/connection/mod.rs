@@ -1,14 +1,20 @@
-//! The per-connection task: drives one protocol over one socket.
+//! The per-connection task: drives one protocol over one byte stream.
 //!
 //! This is the reactor side of a Twisted connection, written for memory and CPU per connection:
 //!
-//! - **A small task.** [`ConnectionTask`] is a hand-written future holding only the socket, the
+//! - **A small task.** [`ConnectionTask`] is a hand-written future holding only the stream, the
 //!   protocol, the outgoing buffer and a pointer to what all connections share; no channel or
 //!   timer futures per connection (its size is checked by a test).
+//! - **Any stream.** The driver is generic over [`ConnectionIo`] (`AsyncRead + AsyncWrite` plus
+//!   a non-waiting write, addresses, FIN and reset): TCP in production, TLS over TCP, and
+//!   [`DuplexIo`] in unit tests, where every time policy runs through the driver with paused
+//!   time.
 //! - **No read buffer while idle.** Reads go into one buffer per worker thread, handed to
 //!   `data_received` by reference; an idle connection owns no buffer at all.
-//! - **Writes go straight to the socket.** `Transport::write` tries the socket first and only
-//!   buffers what the kernel would not take, so a ping-pong exchange copies nothing.
+//! - **Writes go straight to the stream.** `Transport::write` tries the stream first and only
+//!   buffers what it would not take, so a ping-pong exchange copies nothing. Such a write
+//!   spends tokio's cooperative budget like a `poll_write` would, so a busy connection yields
+//!   its worker as often as a plain tokio echo does.
 //! - **Backpressure.** Buffered outgoing bytes are capped by `--write-buffer-limit`: each read is
 //!   sized to fit the room left, and reading stops while the buffer is full. A peer that sends
 //!   but never reads fills its own kernel buffers and then blocks; the server holds at most the
@@ -17,37 +23,46 @@
 //!   shut down (FIN), so the peer gets every byte back and a clean end.
 //! - **Lingering close.** When we close first (max age, `lose_connection`), we send FIN and then
 //!   read and discard until the peer's FIN, for at most [`LINGER_TIMEOUT`], so the peer sees a
-//!   clean close rather than a reset that could destroy echoed bytes it has not read yet.
-//! - **Policy timers** (idle, write stall, max age, throttle) live in a boxed clock that exists
-//!   only when a time policy is configured.
+//!   clean close rather than a reset that could destroy echoed bytes it has not read yet. A
+//!   peer that resets during the linger is counted as `reset`, not as the clean reason we closed
+//!   for: it did not read everything.
+//! - **Policy timers** (idle, write stall, max age and its grace, throttle) live in a boxed
+//!   clock that exists only when a time policy is configured.
 //! - **Exactly-once accounting.** `active` goes up when the task is created and down when it is
 //!   dropped, and `lost{reason}` is counted on drop, as `panic` if the protocol panicked, so
-//!   the shared state stays right whatever happens. `echo_sent_bytes_total` counts what the
-//!   kernel took (`Protocol::bytes_sent`), not what was queued.
+//!   the shared state stays right whatever happens. A task dropped unfinished without a panic
+//!   (the runtime shut down) tells its protocol `connection_lost(shutdown)`, so the protocol's
+//!   own record agrees. `echo_sent_bytes_total` counts what the stream took
+//!   (`Protocol::bytes_sent`), not what was queued.
+
+mod io;
+mod outbox;
 
 use std::future::Future;
-use std::io;
-use std::net::{Shutdown, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use bytes::Buf;
+use tokio::io::ReadBuf;
 use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 
 use crate::abort::AbortSignal;
-use crate::policies::timeouts::{Expiry, PolicyClock};
+use crate::policies::timeouts::{Expiry, PolicyClock, TimePolicies};
 use crate::protocol::{LossReason, Protocol};
 use crate::state::ServiceState;
-use crate::transport::Transport;
+
+pub use io::{ConnectionIo, DuplexIo};
+pub(crate) use outbox::canonical;
+use outbox::{Closing, Outbox, StreamTransport};
 
 /// How long a connection we close ourselves keeps reading and discarding after our FIN.
 pub const LINGER_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Default of `--max-connection-age-grace`: how long a max-age close may take to flush.
+pub const DEFAULT_MAX_AGE_GRACE: Duration = Duration::from_secs(10);
 /// Per-connection settings, shared by every connection of a server.
 #[derive(Debug, Clone)]
 pub struct ConnectionSettings {
@@ -64,10 +79,12 @@ pub struct ConnectionSettings {
     /// TCP keepalive idle time (`--tcp-keepalive`), so dead peers (pulled cable, expired NAT
     /// entry) are noticed and closed with a reset; `None` turns keepalive off.
     pub tcp_keepalive: Option<Duration>,
-    /// Close after this long with no bytes either way (`--idle-timeout`).
+    /// Close after this long with no bytes either way (`--idle-timeout`). Data waiting for a
+    /// peer that does not read is a stall, not idleness (see `write_stall_timeout`).
     pub idle_timeout: Option<Duration>,
     /// Close when the peer has read nothing for this long while we have data for it
-    /// (`--write-stall-timeout`).
+    /// (`--write-stall-timeout`); when unset, `idle_timeout` bounds the stall instead (counted
+    /// as `write_stall` all the same).
     pub write_stall_timeout: Option<Duration>,
     /// Close gracefully after this age, +- `max_age_jitter` (`--max-connection-age`).
     pub max_age: Option<Duration>,
@@ -75,6 +92,10 @@ pub struct ConnectionSettings {
     pub max_age_jitter: Duration,
     /// Read at most this many bytes per second per connection (`--throttle-bytes-per-second`).
     pub throttle_bytes_per_second: Option<u64>,
+    /// After a max-age close starts, abort the connection (`lost{reason="max_age_grace"}`) if
+    /// it has not flushed within this long (`--max-connection-age-grace`): a peer that does not
+    /// read cannot hold it open.
+    pub max_age_grace: Duration,
 }
 
 impl Default for ConnectionSettings {
@@ -89,6 +110,21 @@ impl Default for ConnectionSettings {
             max_age: None,
             max_age_jitter: Duration::ZERO,
             throttle_bytes_per_second: None,
+            max_age_grace: DEFAULT_MAX_AGE_GRACE,
+        }
+    }
+}
+
+impl ConnectionSettings {
+    /// The time-policy part, as the policy clock takes it.
+    pub fn time_policies(&self) -> TimePolicies {
+        TimePolicies {
+            idle_timeout: self.idle_timeout,
+            write_stall_timeout: self.write_stall_timeout,
+            max_age: self.max_age,
+            max_age_jitter: self.max_age_jitter,
+            max_age_grace: self.max_age_grace,
+            throttle_bytes_per_second: self.throttle_bytes_per_second,
         }
     }
 }
@@ -97,6 +133,8 @@ impl Default for ConnectionSettings {
 #[derive(Debug)]
 pub(crate) struct ConnectionShared {
     pub settings: ConnectionSettings,
+    /// `settings.time_policies()`, taken once.
+    pub time: TimePolicies,
     pub state: Arc<ServiceState>,
     /// Flipped at the end of the shutdown timeout: every open connection closes.
     pub abort: AbortSignal,
@@ -104,93 +142,15 @@ pub(crate) struct ConnectionShared {
     pub all_closed: Notify,
 }
 
-/// How the connection is being closed, if it is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Closing {
-    /// Not closing.
-    No,
-    /// Flush everything pending, send FIN, end with this reason.
-    Graceful(LossReason),
-    /// Close now without flushing.
-    Abort,
-}
-
-/// What the protocol has asked of the socket, and what is waiting to be sent.
-struct Outbox {
-    /// Bytes the kernel would not take yet, in order.
-    pending: BytesMut,
-    closing: Closing,
-    /// A write error seen by `Transport::write`, reported by the driver.
-    error: Option<io::Error>,
-    /// Bytes the kernel took during the current protocol callback, reported to the protocol
-    /// (`Protocol::bytes_sent`) once the callback returns.
-    sent_in_callback: usize,
-}
-
-impl Outbox {
-    fn take_sent(&mut self) -> usize {
-        std::mem::take(&mut self.sent_in_callback)
-    }
-}
-
-/// Show IPv4 peers of a dual-stack socket as plain IPv4 (`1.2.3.4`, not `::ffff:1.2.3.4`).
-pub(crate) fn canonical(addr: SocketAddr) -> SocketAddr {
-    SocketAddr::new(addr.ip().to_canonical(), addr.port())
-}
-
-/// The [`Transport`] a protocol sees while the driver calls it.
-struct SocketTransport<'a> {
-    stream: &'a TcpStream,
-    outbox: &'a mut Outbox,
-}
-
-impl Transport for SocketTransport<'_> {
-    fn write(&mut self, data: &[u8]) {
-        let outbox = &mut *self.outbox;
-        if data.is_empty() || outbox.closing != Closing::No || outbox.error.is_some() {
-            return;
+impl ConnectionShared {
+    pub fn new(settings: ConnectionSettings, state: Arc<ServiceState>) -> Self {
+        ConnectionShared {
+            time: settings.time_policies(),
+            settings,
+            state,
+            abort: AbortSignal::default(),
+            all_closed: Notify::new(),
         }
-        let mut rest = data;
-        if outbox.pending.is_empty() {
-            match self.stream.try_write(data) {
-                Ok(n) => {
-                    outbox.sent_in_callback += n;
-                    rest = &data[n..];
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => {
-                    outbox.error = Some(e);
-                    return;
-                }
-            }
-        }
-        if !rest.is_empty() {
-            outbox.pending.extend_from_slice(rest);
-        }
-    }
-
-    fn lose_connection(&mut self) {
-        if self.outbox.closing == Closing::No {
-            self.outbox.closing = Closing::Graceful(LossReason::Closed);
-        }
-    }
-
-    fn abort_connection(&mut self) {
-        self.outbox.closing = Closing::Abort;
-    }
-
-    fn peer_addr(&self) -> SocketAddr {
-        self.stream
-            .peer_addr()
-            .map(canonical)
-            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
-    }
-
-    fn local_addr(&self) -> SocketAddr {
-        self.stream
-            .local_addr()
-            .map(canonical)
-            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 }
 
@@ -216,17 +176,24 @@ struct Linger {
     deadline: Pin<Box<Sleep>>,
 }
 
+/// The policy clock and the one timer set to its next deadline (boxed: only connections with a
+/// time policy have one).
+struct Timed {
+    clock: PolicyClock,
+    timer: Pin<Box<Sleep>>,
+}
+
 /// One connection: a future that runs `protocol` on `stream` until the connection is lost.
-pub(crate) struct ConnectionTask<P> {
-    stream: TcpStream,
+pub(crate) struct ConnectionTask<S, P: Protocol> {
+    stream: S,
     protocol: P,
     outbox: Outbox,
-    clock: Option<Box<PolicyClock>>,
+    timed: Option<Box<Timed>>,
     /// After our FIN: why we closed, and until when we drain the peer (boxed: rare).
     linger: Option<Box<Linger>>,
     made: bool,
     read_open: bool,
-    /// Declared last: fields drop in order, so the socket and the protocol (and its span) are
+    /// Declared last: fields drop in order, so the stream and the protocol (and its span) are
     /// gone before this counts the connection as lost and may tell the server that the last
     /// connection has closed.
     accounting: Accounting,
@@ -259,21 +226,35 @@ impl Drop for Accounting {
     }
 }
 
-impl<P: Protocol> ConnectionTask<P> {
+impl<S, P: Protocol> Drop for ConnectionTask<S, P> {
+    /// Dropped unfinished: by a panic (the protocol must not be called again; `Accounting`
+    /// counts `panic`), or by the runtime shutting down with the task still alive, which is a
+    /// shutdown like the abort at the end of the drain: tell the protocol so, so that its own
+    /// record (span, duration) and the loss counter say the same.
+    fn drop(&mut self) {
+        if self.accounting.reason.is_none() && !std::thread::panicking() {
+            self.accounting.reason = Some(LossReason::Shutdown);
+            self.protocol.connection_lost(LossReason::Shutdown);
+        }
+    }
+}
+
+impl<S: ConnectionIo, P: Protocol> ConnectionTask<S, P> {
     /// A task for an accepted connection; counts it as active until dropped.
-    pub fn new(stream: TcpStream, protocol: P, id: u64, shared: Arc<ConnectionShared>) -> Self {
+    pub fn new(stream: S, protocol: P, id: u64, shared: Arc<ConnectionShared>) -> Self {
         shared.state.stats.active.inc();
-        let clock = PolicyClock::for_connection(&shared.settings, id);
+        let now = Instant::now();
+        let timed = PolicyClock::for_connection(&shared.time, id, now).map(|clock| {
+            Box::new(Timed {
+                clock,
+                timer: Box::pin(tokio::time::sleep_until(now + FAR_FUTURE)),
+            })
+        });
         ConnectionTask {
             stream,
             protocol,
-            outbox: Outbox {
-                pending: BytesMut::new(),
-                closing: Closing::No,
-                error: None,
-                sent_in_callback: 0,
-            },
-            clock,
+            outbox: Outbox::new(),
+            timed,
             linger: None,
             made: false,
             read_open: true,
@@ -286,9 +267,9 @@ impl<P: Protocol> ConnectionTask<P> {
     }
 
     fn finish(&mut self, reason: LossReason) -> Poll<()> {
-        if reason == LossReason::Aborted {
+        if matches!(reason, LossReason::Aborted | LossReason::MaxAgeGrace) {
             // An abort is a reset by definition: discard what is queued, send RST.
-            let _ = socket2::SockRef::from(&self.stream).set_linger(Some(Duration::ZERO));
+            self.stream.reset_on_close();
         }
         if let LossReason::Error(kind) = reason {
             // Counted in lost{reason="error"}; peers and networks cause these, so one line per
@@ -301,37 +282,49 @@ impl<P: Protocol> ConnectionTask<P> {
     }
 
     /// Discard what the peer still sends after our FIN, until its FIN or the linger timeout.
+    /// A reset here means the peer closed without reading everything we sent: counted as such.
     fn poll_linger(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         let Some(linger) = self.linger.as_mut() else {
             return Poll::Pending;
         };
         let reason = linger.reason;
-        let done = loop {
+        let stream = &mut self.stream;
+        let outcome = loop {
             let read = READ_BUFFER.with(|cell| {
                 let mut buffer = cell.borrow_mut();
                 if buffer.len() < 4096 {
                     buffer.resize(4096, 0);
                 }
                 let mut buf = ReadBuf::new(&mut buffer[..]);
-                Pin::new(&mut self.stream)
+                Pin::new(&mut *stream)
                     .poll_read(cx, &mut buf)
                     .map_ok(|()| buf.filled().len())
             });
             match read {
-                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => break true,
+                Poll::Ready(Ok(0)) => break Some(reason),
+                Poll::Ready(Err(e)) => break Some(LossReason::from_io_error(&e)),
                 Poll::Ready(Ok(_)) => continue,
-                Poll::Pending => break linger.deadline.as_mut().poll(cx).is_ready(),
+                Poll::Pending => {
+                    break linger
+                        .deadline
+                        .as_mut()
+                        .poll(cx)
+                        .is_ready()
+                        .then_some(reason);
+                }
             }
         };
-        if done {
-            self.finish(reason)
-        } else {
-            Poll::Pending
+        match outcome {
+            Some(reason) => self.finish(reason),
+            None => Poll::Pending,
         }
     }
 }
 
-impl<P: Protocol> Future for ConnectionTask<P> {
+/// The timer's resting deadline when no policy needs it.
+const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365);
+
+impl<S: ConnectionIo, P: Protocol> Future for ConnectionTask<S, P> {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
@@ -348,16 +341,17 @@ impl<P: Protocol> Future for ConnectionTask<P> {
         }
         if !this.made {
             this.made = true;
-            this.protocol.connection_made(&mut SocketTransport {
-                stream: &this.stream,
+            this.protocol.connection_made(&mut StreamTransport {
+                stream: &mut this.stream,
                 outbox: &mut this.outbox,
             });
             report_sent(&mut this.protocol, &mut this.outbox);
-            if let Some(clock) = this.clock.as_deref_mut() {
-                clock.record_write_progress(Instant::now(), !this.outbox.pending.is_empty());
+            if let Some(timed) = this.timed.as_deref_mut() {
+                timed
+                    .clock
+                    .record_write_progress(Instant::now(), !this.outbox.pending.is_empty());
             }
         }
-        let mut expired = false;
         loop {
             if this.linger.is_some() {
                 return this.poll_linger(cx);
@@ -368,11 +362,14 @@ impl<P: Protocol> Future for ConnectionTask<P> {
                 &mut this.protocol,
                 &mut this.outbox,
                 &mut this.read_open,
-                this.clock.as_deref_mut(),
+                this.timed.as_deref_mut().map(|t| &mut t.clock),
                 &this.accounting.shared.settings,
             ) {
                 Poll::Ready(Step::Lost(reason)) => return this.finish(reason),
                 Poll::Ready(Step::Linger(reason)) => {
+                    if let Some(timed) = this.timed.as_deref_mut() {
+                        timed.clock.flushed();
+                    }
                     this.linger = Some(Box::new(Linger {
                         reason,
                         deadline: Box::pin(tokio::time::sleep(LINGER_TIMEOUT)),
@@ -384,59 +381,80 @@ impl<P: Protocol> Future for ConnectionTask<P> {
 
             // Policy timers: one Sleep set to the earliest deadline. It is moved earlier at
             // once, but never later: a timer that fires early just finds nothing expired and
-            // is set again, which is cheaper than resetting it on every read.
-            // A protocol deadline (Protocol::deadline) shares the policy timer; the clock is
-            // created for it on demand.
+            // is set again, which is cheaper than resetting it on every read. When the clock's
+            // `expire(now)` finds nothing due, its next deadline is after `now` (a property
+            // test holds it to that), so the timer is always re-armed in the future and this
+            // loop cannot spin. A protocol's own deadline (`Protocol::deadline`: the PROXY
+            // header and TLS handshake timeouts) shares the timer; the clock is created for it
+            // on demand, so connections without either pay nothing.
             let protocol_deadline = this.protocol.deadline();
             if let Some((at, reason)) = protocol_deadline {
                 if Instant::now() >= at {
                     return this.finish(reason);
                 }
-                if this.clock.is_none() {
-                    this.clock = Some(PolicyClock::bare());
+                if this.timed.is_none() {
+                    let now = Instant::now();
+                    this.timed = Some(Box::new(Timed {
+                        clock: PolicyClock::bare(now),
+                        timer: Box::pin(tokio::time::sleep_until(now + FAR_FUTURE)),
+                    }));
                 }
             }
-            let Some(clock) = this.clock.as_deref_mut() else {
+            let Some(timed) = this.timed.as_deref_mut() else {
                 return Poll::Pending;
             };
-            let settings = &this.accounting.shared.settings;
-            if clock.timer.is_elapsed() && !expired {
-                // Apply the policies once per poll, then give the socket another turn: a
-                // refilled throttle may read again, a max-age close must flush and FIN.
-                expired = true;
-                match clock.expire(settings, Instant::now()) {
+            let policies = &this.accounting.shared.time;
+            if timed.timer.is_elapsed() {
+                let now = Instant::now();
+                let expiry = timed.clock.expire(policies, now);
+                match expiry {
                     Some(Expiry::Close(reason)) => return this.finish(reason),
                     Some(Expiry::CloseGracefully(reason)) if this.outbox.closing == Closing::No => {
                         this.outbox.closing = Closing::Graceful(reason);
                     }
                     _ => {}
                 }
+                let closing = this.outbox.closing != Closing::No;
+                let next = timed.clock.next_deadline(policies, closing);
+                debug_assert!(
+                    expiry.is_some() || next.is_none_or(|at| at > now),
+                    "policy clock: nothing due at {now:?}, yet the next deadline is {next:?}"
+                );
+                // The floor only matters if the clock broke its rule: then it costs a wake-up
+                // per millisecond instead of a busy loop.
+                let floor = now + Duration::from_millis(1);
+                let next = next
+                    .into_iter()
+                    .chain(protocol_deadline.map(|(at, _)| at))
+                    .min();
+                let timer = timed.timer.as_mut();
+                timer.reset(next.map_or(now + FAR_FUTURE, |at| at.max(floor)));
+                // Give the stream another turn: a refilled throttle may read, a max-age close
+                // must flush and FIN.
                 continue;
             }
             let closing = this.outbox.closing != Closing::No;
-            let policy_deadline = clock.next_deadline(settings, closing);
-            let Some(deadline) = policy_deadline
+            let earliest = timed
+                .clock
+                .next_deadline(policies, closing)
                 .into_iter()
                 .chain(protocol_deadline.map(|(at, _)| at))
-                .min()
-            else {
+                .min();
+            let Some(deadline) = earliest else {
                 return Poll::Pending;
             };
-            if clock.timer.is_elapsed() {
-                let soonest = Instant::now() + Duration::from_millis(1);
-                clock.timer.as_mut().reset(deadline.max(soonest));
-            } else if deadline < clock.timer.deadline() {
-                clock.timer.as_mut().reset(deadline);
+            if deadline < timed.timer.deadline() {
+                timed.timer.as_mut().reset(deadline);
             }
-            if clock.timer.as_mut().poll(cx).is_pending() {
+            if timed.timer.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
-            // Already due: the next turn of the loop applies it.
+            // Fired: the next turn of the loop applies it.
         }
     }
 }
 
-/// Tell the protocol what the kernel took during the callback that just returned.
+/// Tell the protocol what the stream took during the callback that just returned.
 fn report_sent<P: Protocol>(protocol: &mut P, outbox: &mut Outbox) {
     let n = outbox.take_sent();
     if n > 0 {
@@ -444,11 +462,11 @@ fn report_sent<P: Protocol>(protocol: &mut P, outbox: &mut Outbox) {
     }
 }
 
-/// One round of socket work: flush what is pending, then read and hand data to the protocol,
-/// until the socket has nothing more for us (Pending) or the connection ends.
-fn poll_io<P: Protocol>(
+/// One round of stream work: flush what is pending, then read and hand data to the protocol,
+/// until the stream has nothing more for us (Pending) or the connection ends.
+fn poll_io<S: ConnectionIo, P: Protocol>(
     cx: &mut Context<'_>,
-    stream: &mut TcpStream,
+    stream: &mut S,
     protocol: &mut P,
     outbox: &mut Outbox,
     read_open: &mut bool,
@@ -466,14 +484,16 @@ fn poll_io<P: Protocol>(
         if !outbox.pending.is_empty() {
             match Pin::new(&mut *stream).poll_write(cx, &outbox.pending) {
                 Poll::Ready(Ok(0)) => {
-                    return Poll::Ready(Step::Lost(LossReason::Error(io::ErrorKind::WriteZero)))
+                    return Poll::Ready(Step::Lost(LossReason::Error(
+                        std::io::ErrorKind::WriteZero,
+                    )))
                 }
                 Poll::Ready(Ok(n)) => {
                     outbox.pending.advance(n);
                     protocol.bytes_sent(n);
                     if outbox.pending.is_empty() {
                         // Give the memory back: an idle connection should own no buffer.
-                        outbox.pending = BytesMut::new();
+                        outbox.pending = bytes::BytesMut::new();
                     }
                     if let Some(clock) = clock.as_deref_mut() {
                         clock.record_write_progress(Instant::now(), !outbox.pending.is_empty());
@@ -494,9 +514,8 @@ fn poll_io<P: Protocol>(
                 _ => None,
             };
             if let Some(step) = finished {
-                // Everything is sent: FIN. A peer that already went away makes this fail,
-                // which changes nothing.
-                let _ = socket2::SockRef::from(&*stream).shutdown(Shutdown::Write);
+                // Everything is sent: FIN.
+                stream.shutdown_write();
                 return Poll::Ready(step);
             }
         }
@@ -523,8 +542,7 @@ fn poll_io<P: Protocol>(
                 Poll::Ready(Ok(())) => {
                     let data = buf.filled();
                     if !data.is_empty() {
-                        protocol.data_received(data, &mut SocketTransport { stream, outbox });
-                        report_sent(protocol, outbox);
+                        protocol.data_received(data, &mut StreamTransport { stream, outbox });
                     }
                     Poll::Ready(Ok(data.len()))
                 }
@@ -538,6 +556,17 @@ fn poll_io<P: Protocol>(
                 if let Some(clock) = clock.as_deref_mut() {
                     clock.record_read(Instant::now(), n, !outbox.pending.is_empty());
                 }
+                let sent = outbox.take_sent();
+                if sent > 0 {
+                    protocol.bytes_sent(sent);
+                    // The direct write spent none of tokio's cooperative budget (a
+                    // `poll_write` would have): charge it, or one poll runs twice as many
+                    // read+write rounds as a plain tokio echo and starves its neighbours.
+                    match tokio::task::coop::poll_proceed(cx) {
+                        Poll::Ready(progress) => progress.made_progress(),
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
             }
             Poll::Ready(Err(e)) => return Poll::Ready(Step::Lost(LossReason::from_io_error(&e))),
             Poll::Pending => return Poll::Pending,
@@ -546,20 +575,4 @@ fn poll_io<P: Protocol>(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::echo::Echo;
-    use crate::telemetry::InstrumentedProtocol;
-
-    /// The task of every idle connection is allocated whole: keep it small. tokio allocates a
-    /// task cell of the future plus ~104 bytes of header and trailer, in 128-byte steps; up to
-    /// 280 bytes of future the cell is 384 bytes, above it 512. The stack tested is the echo
-    /// service's (instrumentation + per-peer limit + echo).
-    #[test]
-    fn connection_task_stays_small() {
-        type Stack = InstrumentedProtocol<crate::policies::PeerLimited<Echo>>;
-        let size = std::mem::size_of::<ConnectionTask<Stack>>();
-        eprintln!("ConnectionTask: {size} bytes");
-        assert!(size <= 280, "ConnectionTask grew to {size} bytes");
-    }
-}
+mod tests;
