@@ -29,6 +29,8 @@ REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "echo-service"
 DASHBOARDS = REPO / "dashboards"
 EVERYTHING_VALUES = CHART / "ci" / "everything-values.yaml"
+# The PodMonitor variant (it excludes the ServiceMonitor, so not in "everything").
+PODMONITOR_VALUES = CHART / "ci" / "podmonitor-values.yaml"
 # Files shipped by the chart that are copies of dashboards/ (`make dashboards-sync`).
 SHIPPED_FILES = ("echo-service-dashboard.json", "echo-service-alerts.yaml")
 KUBE_VERSION = "1.30.0"
@@ -124,6 +126,15 @@ def one(docs: list[dict[str, Any]], kind: str, *, hook: str | None = None) -> di
     ]
     assert len(found) == 1, f"expected one {kind} (hook={hook}), got {[d['metadata']['name'] for d in found]}"
     return found[0]
+
+
+def services(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(the echo Service, the admin Service or None): told apart by app.kubernetes.io/component."""
+    svcs = [d for d in docs if d["kind"] == "Service"]
+    admin = [d for d in svcs if d["metadata"]["labels"].get("app.kubernetes.io/component") == "admin"]
+    echo = [d for d in svcs if d not in admin]
+    assert len(echo) == 1 and len(admin) <= 1, [d["metadata"]["name"] for d in svcs]
+    return echo[0], (admin[0] if admin else None)
 
 
 def write_manifests(docs: list[dict[str, Any]], directory: Path) -> list[Path]:
