@@ -286,10 +286,12 @@ def wait_healthy(proc: Process, admin_port: int, timeout: float = 20.0) -> None:
 
 
 @contextlib.contextmanager
-def prometheus(scrape_targets: list[dict[str, Any]], *, tmp: Path) -> Iterator[int]:
+def prometheus(scrape_targets: list[dict[str, Any]], *, tmp: Path, self_scrape: bool = False) -> Iterator[int]:
     """A real Prometheus (Debian package) on a loopback port, scraping every 1 s.
 
     scrape_targets: [{"job": ..., "targets": [...], "labels": {...}}]. Yields its port.
+    self_scrape adds job "prometheus" scraping Prometheus itself: other targets,
+    as in any real Prometheus, that dashboards must not pick up.
     """
     binary = require_executable("prometheus", APT_PROMETHEUS)
     port = free_port()
@@ -303,6 +305,10 @@ def prometheus(scrape_targets: list[dict[str, Any]], *, tmp: Path) -> Iterator[i
             for t in scrape_targets
         ],
     }
+    if self_scrape:
+        config["scrape_configs"].append(
+            {"job_name": "prometheus", "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}
+        )
     workdir = Path(tempfile.mkdtemp(prefix="prom-", dir=tmp))
     (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
     proc = Process(
