@@ -13,14 +13,14 @@ help: ## List the targets
 		awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
 
 build: ## Build the release binaries (echo-service, echo-bench)
-	$(CARGO) build --release --bins
+	$(CARGO) build --locked --release --bins
 
 run: ## Run echo-service on its defaults (echo :8000, admin :9000); extra flags via ARGS="..."
-	$(CARGO) run --release --bin echo-service -- $(ARGS)
+	$(CARGO) run --locked --release --bin echo-service -- $(ARGS)
 
 lint: ## cargo fmt --check and clippy with warnings as errors
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --locked --all-targets -- -D warnings
 
 fmt: ## Format the code
 	$(CARGO) fmt --all
@@ -33,9 +33,9 @@ test-rust: ## Rust unit tests and black-box tests of the real binary (needs prom
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
 		echo "promtool/prometheus missing: apt-get install -y --no-install-recommends prometheus (.ci/run does this)"; exit 1; }
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
-		$(CARGO) nextest run --all-targets --no-fail-fast; \
+		$(CARGO) nextest run --locked --all-targets --no-fail-fast; \
 	else \
-		$(CARGO) test --all-targets --no-fail-fast; \
+		$(CARGO) test --locked --all-targets --no-fail-fast; \
 	fi
 
 clean: ## Remove build output and the Python venv

@@ -22,7 +22,7 @@ $(BENCH_STAMP): $(BENCH_REQS)
 	touch $@
 
 bench-build: ## Build echo-service, echo-bench and the tokio baseline examples in release
-	$(CARGO) build --release --bins --examples
+	$(CARGO) build --locked --release --bins --examples
 
 bench: bench-build bench-venv ## Benchmark echo-service vs tokio and Twisted baselines (~12 min); writes bench/results/
 	$(BENCH_PYTHON) bench/run.py --bin-dir $(BENCH_BIN_DIR) --python $(BENCH_VENV)/bin/python $(BENCH_ARGS)

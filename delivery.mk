@@ -12,7 +12,10 @@ CHART_FILES         := $(CURDIR)/helm/echo-service/files
 # Files the chart ships (Helm's .Files cannot read outside the chart folder).
 DASHBOARD_FILES     := echo-service-dashboard.json echo-service-alerts.yaml
 
-.PHONY: venv dashboards-sync test-delivery delivery-bin
+.PHONY: venv dashboards-sync test-delivery delivery-bin audit
+
+# `make test` also runs the supply-chain audit (after the other test prerequisites).
+test: audit
 
 venv: $(DELIVERY_STAMP) ## Create .venv with the delivery test tools (helm-python-sdk, kubernetes-validate, checkov, ...)
 
@@ -28,7 +31,10 @@ dashboards-sync: ## Copy the Grafana dashboard and alert rules from dashboards/ 
 
 # Always ask cargo (a no-op when up to date) so the tests never run a stale binary.
 delivery-bin:
-	cargo build --bin echo-service
+	cargo build --locked --bin echo-service
 
 test-delivery: venv delivery-bin ## Verify chart, manifests, dashboards and alerts with Helm, kubernetes-validate, checkov, Prometheus
 	ECHO_SERVICE_BIN=$(DELIVERY_BIN) $(DELIVERY_VENV)/bin/python -m pytest -p no:cacheprovider $(CURDIR)/tests/delivery -q
+
+audit: ## cargo-deny (advisories, bans, licences, sources) offline against the RustSec snapshot (../shared/advisory-db or $$ECHO_ADVISORY_DB)
+	$(CURDIR)/tests/delivery/audit.sh

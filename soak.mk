@@ -9,16 +9,16 @@ SOAK_ARGS   ?=
 .PHONY: soak soak-ci faults
 
 soak: ## 10 minutes of mixed load (ping-pong, bulk, churn, idle) on a release build; report in target/soak/
-	$(CARGO) build --release --bins
+	$(CARGO) build --locked --release --bins
 	$(SOAK_PYTHON) tests/soak/soak.py --duration 600 --interval 5 $(SOAK_ARGS)
 
 soak-ci: ## The 1-minute soak that CI runs; report in target/soak/
-	$(CARGO) build --release --bins
+	$(CARGO) build --locked --release --bins
 	$(SOAK_PYTHON) tests/soak/soak.py --duration 60 --interval 2 $(SOAK_ARGS)
 
 faults: ## Only the fault and abuse tests (10k idle, never-readers, EMFILE, resets, SIGTERM, netns); needs root for the netns
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
-		$(CARGO) nextest run --test it --no-fail-fast -E 'test(/^faults::/)'; \
+		$(CARGO) nextest run --locked --test it --no-fail-fast -E 'test(/^faults::/)'; \
 	else \
-		$(CARGO) test --test it -- faults::; \
+		$(CARGO) test --locked --test it -- faults::; \
 	fi
