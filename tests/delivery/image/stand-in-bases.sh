@@ -35,7 +35,10 @@ trap 'rm -rf "$work"' EXIT
 if $force || ! exists "$RUNTIME_IMAGE"; then
   echo "stand-in-bases: building $RUNTIME_IMAGE"
   mkdir -p "$work/debs" "$work/runtime"
-  (cd "$work/debs" && apt-get download -qq libc6 libgcc-s1 libssl3 ca-certificates base-files netbase tzdata)
+  pkgs="libc6 libgcc-s1 libssl3 ca-certificates base-files netbase tzdata"
+  # A fresh machine may have no package lists yet.
+  # shellcheck disable=SC2086
+  (cd "$work/debs" && { apt-get download -qq $pkgs 2>/dev/null || { apt-get update -qq && apt-get download -qq $pkgs; }; })
   for deb in "$work"/debs/*.deb; do dpkg-deb -x "$deb" "$work/runtime"; done
   root="$work/runtime"
   # Like distroless: no docs, man pages or maintainer scripts' leftovers.
