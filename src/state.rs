@@ -168,6 +168,11 @@ impl ServiceState {
         self.phase.fetch_max(phase as u8, Ordering::AcqRel);
     }
 
+    /// `--max-connections`, when set (exported as `echo_connections_limit`).
+    pub fn max_connections(&self) -> Option<u64> {
+        self.max_connections
+    }
+
     /// True while the total connection limit is reached.
     pub fn at_capacity(&self) -> bool {
         self.max_connections

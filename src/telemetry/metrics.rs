@@ -20,10 +20,12 @@ use crate::state::ServiceState;
 /// 3.x both scrape.
 pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// Connection duration buckets, 1 ms to 1 h.
-const DURATION_BUCKETS: [f64; 16] = [
+/// Connection duration buckets, 1 ms to 48 h: the top finite bucket stays above the longest
+/// max connection age the Helm chart allows (24 h including jitter), so connections closed at
+/// their max age land in a real bucket, not only in `+Inf`.
+const DURATION_BUCKETS: [f64; 20] = [
     0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1200.0, 1800.0,
-    3600.0,
+    3600.0, 7200.0, 21600.0, 86400.0, 172800.0,
 ];
 
 /// Per-connection traffic metrics, updated by the instrumented protocol.
@@ -343,6 +345,16 @@ impl Metrics {
             .set(1);
         registry.register(Box::new(build_info))?;
         registry.register(Box::new(super::log_writer::lines_dropped().clone()))?;
+        // echo_connections_limit: the configured --max-connections, exported only when set, so
+        // dashboards can show saturation as active / limit.
+        if let Some(limit) = state.max_connections() {
+            let gauge = IntGauge::new(
+                "echo_connections_limit",
+                "The configured total connection limit (--max-connections); absent when unlimited.",
+            )?;
+            gauge.set(i64::try_from(limit).unwrap_or(i64::MAX));
+            registry.register(Box::new(gauge))?;
+        }
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
@@ -391,7 +403,7 @@ mod tests {
             "echo_connections_rejected_total{reason=\"limit\"} 0",
             "echo_received_bytes_total",
             "echo_sent_bytes_total",
-            "echo_connection_duration_seconds_bucket{le=\"3600\"}",
+            "echo_connection_duration_seconds_bucket{le=\"172800\"}",
             "echo_accept_errors_total",
             "echo_build_info{version=\"",
             "echo_log_lines_dropped_total",
@@ -405,5 +417,16 @@ mod tests {
         ] {
             assert!(text.contains(name), "missing {name} in:\n{text}");
         }
+        assert!(
+            !text.contains("echo_connections_limit"),
+            "no limit, no gauge"
+        );
+    }
+
+    #[test]
+    fn connections_limit_is_exported_when_set() {
+        let state = ServiceState::new(Some(250));
+        let text = String::from_utf8(Metrics::register(&state).unwrap().encode()).unwrap();
+        assert!(text.contains("\necho_connections_limit 250\n"), "{text}");
     }
 }

@@ -29,6 +29,8 @@ REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "echo-service"
 DASHBOARDS = REPO / "dashboards"
 EVERYTHING_VALUES = CHART / "ci" / "everything-values.yaml"
+# The PodMonitor variant (it excludes the ServiceMonitor, so not in "everything").
+PODMONITOR_VALUES = CHART / "ci" / "podmonitor-values.yaml"
 # Files shipped by the chart that are copies of dashboards/ (`make dashboards-sync`).
 SHIPPED_FILES = ("echo-service-dashboard.json", "echo-service-alerts.yaml")
 KUBE_VERSION = "1.30.0"
@@ -124,6 +126,15 @@ def one(docs: list[dict[str, Any]], kind: str, *, hook: str | None = None) -> di
     ]
     assert len(found) == 1, f"expected one {kind} (hook={hook}), got {[d['metadata']['name'] for d in found]}"
     return found[0]
+
+
+def services(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(the echo Service, the admin Service or None): told apart by app.kubernetes.io/component."""
+    svcs = [d for d in docs if d["kind"] == "Service"]
+    admin = [d for d in svcs if d["metadata"]["labels"].get("app.kubernetes.io/component") == "admin"]
+    echo = [d for d in svcs if d not in admin]
+    assert len(echo) == 1 and len(admin) <= 1, [d["metadata"]["name"] for d in svcs]
+    return echo[0], (admin[0] if admin else None)
 
 
 def write_manifests(docs: list[dict[str, Any]], directory: Path) -> list[Path]:
@@ -275,10 +286,12 @@ def wait_healthy(proc: Process, admin_port: int, timeout: float = 20.0) -> None:
 
 
 @contextlib.contextmanager
-def prometheus(scrape_targets: list[dict[str, Any]], *, tmp: Path) -> Iterator[int]:
+def prometheus(scrape_targets: list[dict[str, Any]], *, tmp: Path, self_scrape: bool = False) -> Iterator[int]:
     """A real Prometheus (Debian package) on a loopback port, scraping every 1 s.
 
     scrape_targets: [{"job": ..., "targets": [...], "labels": {...}}]. Yields its port.
+    self_scrape adds job "prometheus" scraping Prometheus itself: other targets,
+    as in any real Prometheus, that dashboards must not pick up.
     """
     binary = require_executable("prometheus", APT_PROMETHEUS)
     port = free_port()
@@ -292,6 +305,10 @@ def prometheus(scrape_targets: list[dict[str, Any]], *, tmp: Path) -> Iterator[i
             for t in scrape_targets
         ],
     }
+    if self_scrape:
+        config["scrape_configs"].append(
+            {"job_name": "prometheus", "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}
+        )
     workdir = Path(tempfile.mkdtemp(prefix="prom-", dir=tmp))
     (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
     proc = Process(

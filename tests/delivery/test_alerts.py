@@ -58,6 +58,7 @@ def test_every_alert_has_severity_summary_and_description():
         for rule in group["rules"]:
             assert rule["labels"]["severity"] in {"warning", "critical"}, rule["alert"]
             assert rule["annotations"]["summary"] and rule["annotations"]["description"], rule["alert"]
+            assert rule["annotations"]["runbook_url"], rule["alert"]
             assert 'job="echo-service"' in rule["expr"], f"{rule['alert']} must select the job"
 
 
@@ -69,3 +70,44 @@ def test_rendered_prometheusrule_passes_promtool(tmp_path):
         path.write_text(yaml.safe_dump(spec))
         result = promtool("check", "rules", str(path))
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+RUNBOOK_PREFIX = "https://github.com/echo-service/echo-service/blob/main/dashboards/runbooks/"
+
+
+def all_rules():
+    return [r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]]
+
+
+def test_every_alert_links_an_existing_runbook():
+    for rule in all_rules():
+        url = rule["annotations"].get("runbook_url", "")
+        assert url == f"{RUNBOOK_PREFIX}{rule['alert']}.md", rule["alert"]
+        runbook = DASHBOARDS / "runbooks" / f"{rule['alert']}.md"
+        assert runbook.is_file(), f"missing {runbook}"
+        text = runbook.read_text()
+        assert text.startswith(f"# {rule['alert']}\n") and "## Diagnose" in text and "## Fix" in text
+
+
+def test_runbook_base_url_is_configurable():
+    spec = one(manifests(render({"prometheusRule": {"enabled": True,
+                                                    "runbookBaseUrl": "https://wiki.example.com/echo/"}})), "PrometheusRule")["spec"]
+    urls = [r["annotations"]["runbook_url"] for g in spec["groups"] for r in g["rules"]]
+    assert urls and all(u.startswith("https://wiki.example.com/echo/EchoService") and u.endswith(".md") for u in urls), urls
+
+
+def test_an_absent_rule_covers_every_pod_gone():
+    absent = [r for r in all_rules() if "absent(" in r["expr"]]
+    assert absent and absent[0]["labels"]["severity"] == "critical"
+
+
+def test_restarting_has_a_for_and_every_rule_tolerates_a_blip():
+    rules = {r["alert"]: r for r in all_rules()}
+    assert rules["EchoServiceRestarting"].get("for"), "a single scrape must not page"
+    # Only the panic rule fires at once (one panic is already a bug).
+    assert sorted(a for a, r in rules.items() if not r.get("for")) == ["EchoServicePanics"]
+
+
+def test_abnormal_disconnects_has_a_minimum_traffic_guard():
+    expr = next(r["expr"] for r in all_rules() if r["alert"] == "EchoServiceAbnormalDisconnects")
+    assert " and on (namespace, job)" in expr and "> 0.2" in expr

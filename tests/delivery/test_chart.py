@@ -20,11 +20,13 @@ from support import (
     DASHBOARDS,
     EVERYTHING_VALUES,
     KUBE_VERSION,
+    PODMONITOR_VALUES,
     SHIPPED_FILES,
     load_values,
     manifests,
     one,
     render,
+    services,
 )
 
 
@@ -36,6 +38,11 @@ def default_docs():
 @pytest.fixture(scope="module")
 def everything_docs():
     return manifests(render(load_values(EVERYTHING_VALUES)))
+
+
+@pytest.fixture(scope="module")
+def podmonitor_docs():
+    return manifests(render(load_values(PODMONITOR_VALUES)))
 
 
 def kinds(docs):
@@ -55,8 +62,8 @@ def env_of(c):
 
 
 def test_default_render_is_a_plain_install(default_docs):
-    """Zero values: Deployment, Service, ServiceAccount, PDB and the helm test pod, nothing else."""
-    assert kinds(default_docs) == ["Deployment", "Pod", "PodDisruptionBudget", "Service", "ServiceAccount"]
+    """Zero values: Deployment, echo and admin Services, ServiceAccount, PDB and the helm test pod, nothing else."""
+    assert kinds(default_docs) == ["Deployment", "Pod", "PodDisruptionBudget", "Service", "Service", "ServiceAccount"]
     pod = one(default_docs, "Pod", hook="test")
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
 
@@ -65,7 +72,7 @@ def test_everything_on_renders_every_kind(everything_docs):
     assert kinds(everything_docs) == sorted(
         [
             "ConfigMap", "Deployment", "HorizontalPodAutoscaler", "NetworkPolicy", "Pod",
-            "PodDisruptionBudget", "PodMonitor", "PrometheusRule", "Service", "ServiceAccount",
+            "PodDisruptionBudget", "PrometheusRule", "Service", "Service", "ServiceAccount",
             "ServiceMonitor",
         ]
     )
@@ -73,7 +80,7 @@ def test_everything_on_renders_every_kind(everything_docs):
     assert "replicas" not in deploy["spec"], "with an HPA the Deployment must leave replicas to it"
 
 
-@pytest.mark.parametrize("values_file", [None, EVERYTHING_VALUES], ids=["default", "everything"])
+@pytest.mark.parametrize("values_file", [None, EVERYTHING_VALUES, PODMONITOR_VALUES], ids=["default", "everything", "podmonitor"])
 def test_strict_lint_has_no_errors(values_file):
     values = load_values(values_file) if values_file else {}
     report = helm_python.lint(str(CHART), values, strict=True, kube_version=f"v{KUBE_VERSION}")
@@ -84,7 +91,8 @@ def test_strict_lint_has_no_errors(values_file):
 
 def test_notes_say_how_to_try_the_release():
     notes = render()["echo-service/templates/NOTES.txt"]
-    assert "kubectl -n apps port-forward svc/echo-echo-service 8000:tcp-echo 9000:admin" in notes
+    assert "kubectl -n apps port-forward svc/echo-echo-service 8000:tcp-echo\n" in notes
+    assert "kubectl -n apps port-forward svc/echo-echo-service-admin 9000:admin" in notes
     assert "nc -w 2 127.0.0.1 8000" in notes
     assert "127.0.0.1:9000/metrics" in notes
     assert "helm test echo -n apps" in notes
@@ -197,10 +205,11 @@ def test_ports_are_named_and_probes_use_the_admin_port_by_name(default_docs):
     assert c["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
-    svc = one(default_docs, "Service")
-    ports = {p["name"]: p for p in svc["spec"]["ports"]}
-    assert ports["tcp-echo"]["targetPort"] == "tcp-echo" and ports["tcp-echo"]["appProtocol"] == "tcp"
-    assert ports["admin"]["targetPort"] == "admin"
+    svc, admin = services(default_docs)
+    (echo_port,) = svc["spec"]["ports"]
+    assert echo_port["targetPort"] == "tcp-echo" and echo_port["appProtocol"] == "tcp"
+    (admin_port,) = admin["spec"]["ports"]
+    assert admin_port["name"] == "admin" and admin_port["targetPort"] == "admin"
 
 
 @pytest.mark.parametrize(
@@ -285,16 +294,16 @@ def test_pdb_is_not_gated_on_replica_count():
     assert one(docs, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
 
 
-def test_monitors_scrape_the_admin_port_and_keep_the_job_name(everything_docs):
+def test_monitors_scrape_the_admin_port_and_keep_the_job_name(everything_docs, podmonitor_docs):
     sm = one(everything_docs, "ServiceMonitor")
-    pm = one(everything_docs, "PodMonitor")
-    svc = one(everything_docs, "Service")
+    pm = one(podmonitor_docs, "PodMonitor")
+    _, svc = services(everything_docs)
     assert [e["port"] for e in sm["spec"]["endpoints"]] == ["admin"]
     assert [e["port"] for e in pm["spec"]["podMetricsEndpoints"]] == ["admin"]
     for mon in (sm, pm):
         assert mon["spec"]["jobLabel"] == "app.kubernetes.io/name"
         assert mon["spec"]["namespaceSelector"] == {"matchNames": ["apps"]}
-    # The ServiceMonitor selects the Service, which carries the jobLabel label.
+    # The ServiceMonitor selects the admin Service, which carries the jobLabel label.
     for key, value in sm["spec"]["selector"]["matchLabels"].items():
         assert svc["metadata"]["labels"][key] == value
     assert pm["metadata"]["namespace"] == "monitoring"
@@ -310,7 +319,7 @@ def test_networkpolicy_opens_echo_and_limits_admin(everything_docs):
     allowed = admin_rule["from"][0]["podSelector"]["matchLabels"]
     assert all(test_pod["metadata"]["labels"].get(k) == v for k, v in allowed.items())
     # ... but is not selected by the Service (it must never receive echo traffic).
-    svc_selector = one(everything_docs, "Service")["spec"]["selector"]
+    svc_selector = services(everything_docs)[0]["spec"]["selector"]
     assert not all(test_pod["metadata"]["labels"].get(k) == v for k, v in svc_selector.items())
     assert np["spec"]["policyTypes"] == ["Ingress", "Egress"]
 
@@ -331,11 +340,11 @@ def test_hpa_uses_cpu_and_active_connections(everything_docs):
 
 
 def test_service_type_options(everything_docs):
-    svc = one(everything_docs, "Service")["spec"]
+    svc = services(everything_docs)[0]["spec"]
     assert svc["type"] == "LoadBalancer" and svc["externalTrafficPolicy"] == "Local"
     assert svc["ports"][0]["nodePort"] == 30800
     # externalTrafficPolicy is invalid on ClusterIP Services: it must be dropped there.
-    plain = one(manifests(render({"service": {"externalTrafficPolicy": "Local"}})), "Service")["spec"]
+    plain = services(manifests(render({"service": {"externalTrafficPolicy": "Local"}})))[0]["spec"]
     assert "externalTrafficPolicy" not in plain
 
 
@@ -354,7 +363,13 @@ def test_dashboard_configmap_carries_the_dashboard_and_sidecar_label(everything_
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert cm["metadata"]["annotations"] == {"grafana_folder": "Echo"}
     shipped = json.loads((DASHBOARDS / "echo-service-dashboard.json").read_text())
-    assert json.loads(cm["data"]["echo-service-dashboard.json"]) == shipped
+    ((key, text),) = cm["data"].items()
+    assert key == "apps-echo-dashboard.json"
+    dashboard = json.loads(text)
+    # Only uid and title carry the release; the rest is the shipped dashboard.
+    assert {k: v for k, v in dashboard.items() if k not in ("uid", "title")} == {
+        k: v for k, v in shipped.items() if k not in ("uid", "title")
+    }
 
 
 def test_prometheusrule_carries_the_alert_rules():
@@ -401,6 +416,7 @@ def test_admin_port_off_the_service_needs_podmonitor_and_no_helm_test():
     with pytest.raises(helm_python.HelmRenderError, match="serviceMonitor.enabled needs service.admin.enabled"):
         render({"service": {"admin": {"enabled": False}}, "tests": {"enabled": False}, "serviceMonitor": {"enabled": True}})
     docs = manifests(render({"service": {"admin": {"enabled": False}}, "tests": {"enabled": False}, "podMonitor": {"enabled": True}}))
-    assert [p["name"] for p in one(docs, "Service")["spec"]["ports"]] == ["tcp-echo"]
+    echo_svc, admin_svc = services(docs)
+    assert [p["name"] for p in echo_svc["spec"]["ports"]] == ["tcp-echo"] and admin_svc is None
     assert one(docs, "PodMonitor")["spec"]["podMetricsEndpoints"][0]["port"] == "admin"
     assert not [d for d in docs if d["kind"] == "Pod"]

@@ -9,10 +9,18 @@ real service while a small load runs (echo round trips, some resets, and
 connections beyond --max-connections 2 so rejected{reason="limit"} moves).
 Every panel query and every variable query, with the template variables
 substituted (one pod selected, and "All"), must succeed and return data.
+
+"All" is substituted the way Grafana does it: a variable's allValue when it has
+one, else the regex of every value its own query finds, `(a|b)`. The same
+Prometheus also scrapes itself and a stand-in for the kubelet's cAdvisor
+(container_spec_memory_limit_bytes, which only a cluster has), so "All" is
+checked to select echo-service targets and nothing else.
 """
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import re
 import socket
@@ -109,9 +117,10 @@ DASHBOARD_SCHEMA = {
     },
 }
 
-JOB, NAMESPACE, POD = "echo-service", "delivery", "echo-service-0"
-SELECTED = {"job": JOB, "namespace": NAMESPACE, "pod": POD}
-ALL = {"job": ".*", "namespace": ".*", "pod": ".*"}
+JOB, NAMESPACE, POD, CLUSTER = "echo-service", "delivery", "echo-service-0", "local"
+SELECTED = {"cluster": CLUSTER, "job": JOB, "namespace": NAMESPACE, "pod": POD}
+ALL = "all"  # computed from the live variable queries, see grafana_all()
+MEMORY_LIMIT = 128 * 1024 * 1024
 BUILTINS = {"__rate_interval": "1m", "__interval": "15s", "__range": "1h"}
 
 
@@ -165,20 +174,34 @@ def test_panel_ids_unique_and_grid_does_not_overlap():
                 cells[(x, y)] = p["title"]
 
 
-def test_variables_datasource_job_namespace_pod():
+def test_variables_datasource_cluster_job_namespace_pod():
     variables = {v["name"]: v for v in DASHBOARD["templating"]["list"]}
-    assert list(variables) == ["datasource", "job", "namespace", "pod"]
+    assert list(variables) == ["datasource", "cluster", "job", "namespace", "pod"]
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
-    for name in ("job", "namespace", "pod"):
+    for name in ("cluster", "job", "namespace", "pod"):
         assert variables[name]["type"] == "query"
         assert variables[name]["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
-        assert variables[name]["includeAll"] and variables[name]["allValue"] == ".*"
+        assert variables[name]["includeAll"] and variables[name]["multi"]
+    # "All" must mean every echo-service target: the values the variable found,
+    # not ".*" (which matches every target in Prometheus). Only the optional
+    # cluster label may match anything (the job/namespace/pod filters still apply).
+    for name in ("job", "namespace", "pod"):
+        assert "allValue" not in variables[name], name
+    assert variables["cluster"]["allValue"] == ".*"
 
 
 def test_every_query_is_filtered_by_the_variables():
     for title, t in targets():
-        for var in ("job", "namespace", "pod"):
+        for var in ("cluster", "job", "namespace", "pod"):
             assert f'{var}=~"${var}"' in t["expr"], f"{title}: {t['expr']}"
+
+
+def test_dashboard_has_restart_and_alert_annotations():
+    names = {a["name"]: a for a in DASHBOARD["annotations"]["list"]}
+    assert "process_start_time_seconds" in names["Restarts"]["expr"]
+    assert names["Alerts"]["expr"].startswith("ALERTS{") and 'alertname=~"EchoService.*"' in names["Alerts"]["expr"]
+    for name in ("Restarts", "Alerts"):
+        assert names[name]["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
 
 
 @pytest.mark.parametrize(
@@ -189,6 +212,7 @@ def test_every_query_is_filtered_by_the_variables():
         "echo_connection_duration_seconds_bucket", "echo_accept_errors_total", "echo_build_info",
         "process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds",
         "process_max_fds", "process_start_time_seconds", "up", "scrape_duration_seconds",
+        "echo_connections_limit", "container_spec_memory_limit_bytes",
     ],
 )
 def test_every_public_metric_has_a_panel(metric):
@@ -226,7 +250,7 @@ def over_the_limit(echo_port: int, limit: int) -> int:
     conns = [connect(echo_port) for _ in range(limit + 2)]
     refused = 0
     for s in conns:
-        s.settimeout(2)
+        s.settimeout(10)  # generous: the machine may be loaded; a hang still fails
         try:
             s.sendall(b"x")
             if s.recv(1) != b"x":
@@ -249,8 +273,8 @@ def scraped_prometheus(tmp_path_factory):
     ]
     with echo_service(args, tmp=tmp) as proc:
         wait_healthy(proc, admin_port)
-        targets_ = [{"job": JOB, "targets": [f"127.0.0.1:{admin_port}"], "labels": {"namespace": NAMESPACE, "pod": POD}}]
-        with prometheus(targets_, tmp=tmp) as prom_port:
+        targets_ = [{"job": JOB, "targets": [f"127.0.0.1:{admin_port}"], "labels": {"namespace": NAMESPACE, "pod": POD, "cluster": CLUSTER}}]
+        with fake_cadvisor() as cadvisor, prometheus(targets_ + [cadvisor], tmp=tmp, self_scrape=True) as prom_port:
             stop, turn, errors = threading.Event(), threading.Lock(), []
             worker = threading.Thread(target=load, args=(echo_port, stop, turn, errors), daemon=True)
             worker.start()
@@ -269,6 +293,66 @@ def scraped_prometheus(tmp_path_factory):
                 stop.set()
                 worker.join(10)
             assert errors == [], errors[:5]
+
+
+class CadvisorStandIn(http.server.BaseHTTPRequestHandler):
+    """The one kubelet/cAdvisor series the dashboard reads: the container memory limit.
+
+    No kubelet here; this serves what a kubelet's /metrics/cadvisor serves for the
+    chart's pod (job "kubelet", namespace/pod/container labels), plus the same
+    series for a pod that is not echo-service, which "All" must not pick up.
+    """
+
+    body = (
+        "# TYPE container_spec_memory_limit_bytes gauge\n"
+        f'container_spec_memory_limit_bytes{{namespace="{NAMESPACE}",pod="{POD}",container="echo-service"}} {MEMORY_LIMIT}\n'
+        'container_spec_memory_limit_bytes{namespace="kube-system",pod="coredns-0",container="echo-service"} 1e9\n'
+    ).encode()
+
+    def do_GET(self):  # noqa: N802 - http.server API
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def fake_cadvisor():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CadvisorStandIn)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield {"job": "kubelet", "targets": [f"127.0.0.1:{server.server_address[1]}"], "labels": {"cluster": CLUSTER}}
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def grafana_all(prom_port: int) -> dict[str, str]:
+    """Each variable's "All" as Grafana sends it: allValue, else (v1|v2|...) of what its query finds.
+
+    Variables are resolved in order, each query seeing the ones before it as "All".
+    """
+    resolved: dict[str, str] = {}
+    for var in DASHBOARD["templating"]["list"][1:]:
+        if "allValue" in var:
+            resolved[var["name"]] = var["allValue"]
+            continue
+        m = re.fullmatch(r"label_values\((.+), *(\w+)\)", var["query"])
+        res = prom_api(prom_port, f"/api/v1/label/{m.group(2)}/values", {"match[]": substitute(m.group(1), resolved)})
+        assert res["status"] == "success" and res["data"], (var["name"], res)
+        resolved[var["name"]] = "(" + "|".join(promql_regex_escape(v) for v in sorted(res["data"])) + ")"
+    return resolved
+
+
+def promql_regex_escape(value: str) -> str:
+    """Grafana's escaping of a value in a multi-value regex: regex metacharacters get a
+    backslash, doubled because the regex sits in a PromQL string literal."""
+    return "".join("\\\\" + ch if ch in "\\^$.|?*+()[]{}" else ch for ch in value)
 
 
 def wait_until_samples(prom_port: int, n: int, timeout: float = 30.0) -> None:
@@ -313,6 +397,8 @@ def run_until_non_empty(prom_port: int, exprs: dict[str, str], timeout: float = 
 @pytest.mark.parametrize("variables", [SELECTED, ALL], ids=["one-pod", "all"])
 def test_every_panel_query_returns_data(scraped_prometheus, variables):
     prom_port, _ = scraped_prometheus
+    if variables == ALL:
+        variables = grafana_all(prom_port)
     exprs = {f"{title} [{t['refId']}]": substitute(t["expr"], variables) for title, t in targets()}
     assert len(exprs) >= 20
     assert run_until_non_empty(prom_port, exprs) == {}
@@ -321,12 +407,13 @@ def test_every_panel_query_returns_data(scraped_prometheus, variables):
 def test_variable_queries_find_the_service(scraped_prometheus):
     """label_values(metric{sel}, label) as Grafana runs it: /api/v1/label/<label>/values?match[]=."""
     prom_port, _ = scraped_prometheus
-    expected = {"job": JOB, "namespace": NAMESPACE, "pod": POD}
+    expected = {"cluster": CLUSTER, "job": JOB, "namespace": NAMESPACE, "pod": POD}
+    all_values = grafana_all(prom_port)
     for var in DASHBOARD["templating"]["list"][1:]:
         assert var["definition"] == var["query"]
         m = re.fullmatch(r"label_values\((.+), *(\w+)\)", var["query"])
         assert m, var["query"]
-        selector, label = substitute(m.group(1), ALL), m.group(2)
+        selector, label = substitute(m.group(1), all_values), m.group(2)
         res = prom_api(prom_port, f"/api/v1/label/{label}/values", {"match[]": selector})
         assert res["status"] == "success", res
         assert expected[var["name"]] in res["data"], (var["name"], res["data"])
@@ -346,3 +433,66 @@ def test_panels_show_the_traffic_that_happened(scraped_prometheus):
     }
     problems = run_until_non_empty(prom_port, checks)
     assert problems == {}
+
+
+def selectors(expr: str) -> list[str]:
+    """The vector selectors of a PromQL expression that use template variables."""
+    return [m.group(0) for m in re.finditer(r"[a-zA-Z_:][a-zA-Z0-9_:]*\{[^}]*\$[^}]*\}", expr)]
+
+
+def test_all_selects_only_echo_service_targets(scraped_prometheus):
+    """With "All" everywhere, no selector of any panel returns another target's series.
+
+    The same Prometheus scrapes itself (job="prometheus": up, process_*,
+    scrape_*) and a cAdvisor stand-in with a kube-system pod; with allValue ".*"
+    the up/CPU/memory/fd/scrape panels showed Prometheus itself as a "pod".
+    """
+    prom_port, _ = scraped_prometheus
+    all_values = grafana_all(prom_port)
+    assert all_values["job"] == f"({JOB})" and all_values["pod"] == f"({POD})", all_values
+    checked = 0
+    for title, t in targets():
+        for selector in selectors(t["expr"]):
+            res = prom_api(prom_port, "/api/v1/query", {"query": substitute(selector, all_values)})
+            assert res["status"] == "success", (title, selector, res)
+            for series in res["data"]["result"]:
+                labels = series["metric"]
+                assert labels.get("pod") == POD and labels.get("namespace") == NAMESPACE, (title, selector, labels)
+                if "job=~" in selector:
+                    assert labels.get("job") == JOB, (title, selector, labels)
+            checked += 1
+    assert checked >= 25
+
+
+def test_annotation_queries_run(scraped_prometheus):
+    """Restart and alert annotations are valid PromQL over the variables (empty here: no restarts, no rules)."""
+    prom_port, _ = scraped_prometheus
+    all_values = grafana_all(prom_port)
+    for annotation in DASHBOARD["annotations"]["list"]:
+        if "expr" not in annotation:
+            continue
+        for variables in (SELECTED, all_values):
+            res = prom_api(prom_port, "/api/v1/query", {"query": substitute(annotation["expr"], variables)})
+            assert res["status"] == "success", (annotation["name"], res)
+
+
+def test_saturation_panels_show_active_against_the_limits(scraped_prometheus):
+    """echo_connections_limit is the --max-connections the service runs with; memory / limit is a fraction."""
+    prom_port, admin_port = scraped_prometheus
+    metrics = parse_metrics(http_get(admin_port, "/metrics")[1].decode())
+    assert metrics["echo_connections_limit"] == 2
+    problems = run_until_non_empty(prom_port, {
+        "limit": f'echo_connections_limit{{job="{JOB}", pod="{POD}"}} == 2',
+        "memory fraction": f'max by (pod) (process_resident_memory_bytes{{job="{JOB}"}}) / max by (pod) '
+                           f'(container_spec_memory_limit_bytes{{pod="{POD}", container="echo-service"}} > 0) < 1',
+    })
+    assert problems == {}
+
+
+def test_duration_histogram_covers_the_longest_max_age(scraped_prometheus):
+    """The chart allows max age + jitter up to 24 h; the top finite bucket must be above it."""
+    _, admin_port = scraped_prometheus
+    metrics = parse_metrics(http_get(admin_port, "/metrics")[1].decode())
+    bounds = [float(m.group(1)) for k in metrics
+              if (m := re.fullmatch(r'echo_connection_duration_seconds_bucket\{le="([^"]+)"\}', k)) and m.group(1) != "+Inf"]
+    assert max(bounds) > 24 * 3600, sorted(bounds)

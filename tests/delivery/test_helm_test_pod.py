@@ -26,6 +26,7 @@ from support import (
     parse_metrics,
     render,
     require_executable,
+    services,
     wait_healthy,
 )
 
@@ -36,8 +37,7 @@ APPLETS = ("sh", "nc", "wget", "awk", "timeout", "sleep", "cat", "printf", "echo
 def test_pod():
     docs = manifests(render())
     pod = one(docs, "Pod", hook="test")
-    svc = one(docs, "Service")
-    return pod, svc
+    return pod, services(docs)
 
 
 @pytest.fixture(scope="module")
@@ -64,17 +64,18 @@ def run_test_pod(pod, bindir: Path, echo_port: int, admin_port: int) -> subproce
     (c,) = pod["spec"]["containers"]
     assert c["command"][:2] == ["sh", "-c"]
     env = {e["name"]: e["value"] for e in c["env"]}
-    env.update({"ECHO_HOST": "127.0.0.1", "ECHO_PORT": str(echo_port), "ADMIN_PORT": str(admin_port), "PATH": str(bindir)})
+    env.update({"ECHO_HOST": "127.0.0.1", "ADMIN_HOST": "127.0.0.1", "ECHO_PORT": str(echo_port),
+                "ADMIN_PORT": str(admin_port), "PATH": str(bindir)})
     return subprocess.run([str(bindir / "sh"), "-c", c["command"][2]], env=env, capture_output=True, text=True, timeout=150)
 
 
 def test_test_pod_targets_the_release_service(test_pod):
-    pod, svc = test_pod
+    pod, (svc, admin) = test_pod
     (c,) = pod["spec"]["containers"]
     env = {e["name"]: e["value"] for e in c["env"]}
-    ports = {p["name"]: p["port"] for p in svc["spec"]["ports"]}
-    assert env == {"ECHO_HOST": svc["metadata"]["name"], "ECHO_PORT": str(ports["tcp-echo"]), "ADMIN_PORT": str(ports["admin"])}
-    assert c["image"] == "busybox:1.36.1"
+    assert env == {"ECHO_HOST": svc["metadata"]["name"], "ECHO_PORT": str(svc["spec"]["ports"][0]["port"]),
+                   "ADMIN_HOST": admin["metadata"]["name"], "ADMIN_PORT": str(admin["spec"]["ports"][0]["port"])}
+    assert c["image"] == "docker.io/library/busybox:1.36.1"
     assert pod["spec"]["restartPolicy"] == "Never"
 
 

@@ -56,6 +56,47 @@ app.kubernetes.io/part-of: echo-service
 {{- end }}
 
 {{/*
+Labels of the pod template: the selector labels plus labels that do not change
+between chart versions. No helm.sh/chart or app.kubernetes.io/version here: a
+label change on the pod template is a rollout, and a chart bump alone must not
+restart every pod.
+*/}}
+{{- define "echo-service.podLabels" -}}
+{{ include "echo-service.selectorLabels" . }}
+app.kubernetes.io/part-of: echo-service
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- with .Values.podLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Namespace of every namespaced object: .Values.namespaceOverride, else the
+release namespace (for umbrella charts that install into several namespaces).
+*/}}
+{{- define "echo-service.namespace" -}}
+{{- default .Release.Namespace .Values.namespaceOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Name of the admin Service (ClusterIP, admin port only).
+*/}}
+{{- define "echo-service.adminServiceName" -}}
+{{- printf "%s-admin" (include "echo-service.fullname" . | trunc 57 | trimSuffix "-") }}
+{{- end }}
+
+{{/*
+Labels that tell the admin Service apart from the echo Service; the
+ServiceMonitor selects on them.
+*/}}
+{{- define "echo-service.adminServiceLabels" -}}
+{{ include "echo-service.selectorLabels" . }}
+app.kubernetes.io/component: admin
+{{- end }}
+
+{{/*
 Selector labels: the immutable subset used by the Deployment selector, the
 Service, the PDB, the NetworkPolicy and the monitors. Never add to these in an
 upgrade (Deployment selectors cannot change).
@@ -92,10 +133,25 @@ Container image reference. A digest, when set, wins over the tag; the tag
 defaults to the chart's appVersion so chart and binary versions move together.
 */}}
 {{- define "echo-service.image" -}}
-{{- if .Values.image.digest }}
-{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- include "echo-service.imageRef" (dict "image" .Values.image "global" .Values.global "defaultTag" .Chart.AppVersion) }}
+{{- end }}
+
+{{/*
+An image reference from {registry, repository, tag, digest}:
+global.imageRegistry when set (a mirror for every image), else the image's own
+registry, prefixed to the repository; the digest wins over the tag. Called with (dict "image" ... "global" ... "defaultTag" ...).
+*/}}
+{{- define "echo-service.imageRef" -}}
+{{- $img := .image }}
+{{- $registry := default $img.registry ((.global | default dict).imageRegistry) }}
+{{- $repo := $img.repository }}
+{{- if $registry }}
+{{- $repo = printf "%s/%s" (trimSuffix "/" $registry) $repo }}
+{{- end }}
+{{- if $img.digest }}
+{{- printf "%s@%s" $repo $img.digest }}
 {{- else }}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- printf "%s:%s" $repo (default .defaultTag $img.tag | toString) }}
 {{- end }}
 {{- end }}
 
