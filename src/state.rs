@@ -9,7 +9,7 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Instant;
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 use crate::factory::Refusal;
 use crate::protocol::LossReason;
@@ -45,77 +45,114 @@ impl Phase {
     }
 }
 
-/// Connection counters, registered as Prometheus metrics.
+/// The `listener` label value of the echo port's connection metrics. Every connection metric
+/// carries a `listener` label naming the listener kind (`tcp`, `identity`; `tls`, `udp` by
+/// the same rule), `kind:port` (e.g. `tcp:8001`) only when several listeners of one kind exist.
+pub const ECHO_LISTENER: &str = "tcp";
+
+/// Connection counters of one listener, registered as Prometheus metrics. The vectors are
+/// shared by every listener ([`ConnectionStats::for_listener`]); the children belong to one.
 #[derive(Debug)]
 pub struct ConnectionStats {
-    /// `echo_connections_made_total`: protocols built.
+    /// `echo_connections_made_total{listener}`: protocols built.
     pub made: IntCounter,
-    /// `echo_connections_active`: protocols built and not yet lost.
+    /// `echo_connections_active{listener}`: protocols built and not yet lost.
     pub active: IntGauge,
-    /// `echo_connections_lost_total{reason}`, one child per [`LossReason::LABELS`] entry.
+    /// `echo_connections_lost_total{listener,reason}`, one child per [`LossReason::LABELS`].
     lost: Vec<IntCounter>,
-    lost_vec: IntCounterVec,
-    /// `echo_connections_rejected_total{reason}`, one child per [`Refusal::LABELS`] entry.
+    /// `echo_connections_rejected_total{listener,reason}`, one child per [`Refusal::LABELS`].
     rejected: Vec<IntCounter>,
-    rejected_vec: IntCounterVec,
-    /// `echo_accept_errors_total`: failed `accept()` calls.
+    /// `echo_accept_errors_total{listener}`: failed `accept()` calls.
     pub accept_errors: IntCounter,
+    vecs: StatVecs,
+}
+
+/// The metric families, shared by the stats of every listener.
+#[derive(Debug, Clone)]
+struct StatVecs {
+    made: IntCounterVec,
+    active: IntGaugeVec,
+    lost: IntCounterVec,
+    rejected: IntCounterVec,
+    accept_errors: IntCounterVec,
 }
 
 impl ConnectionStats {
     fn new() -> Self {
-        let lost_vec = IntCounterVec::new(
-            Opts::new(
-                "echo_connections_lost_total",
-                "Connections that ended, by reason (peer_closed and closed are clean).",
-            ),
-            &["reason"],
-        )
-        .expect("valid metric definition");
-        let rejected_vec = IntCounterVec::new(
-            Opts::new(
-                "echo_connections_rejected_total",
-                "Connections accepted and closed at once because a policy refused them, by reason.",
-            ),
-            &["reason"],
-        )
-        .expect("valid metric definition");
+        let vecs = StatVecs {
+            made: IntCounterVec::new(
+                Opts::new(
+                    "echo_connections_made_total",
+                    "Connections accepted and handed to a protocol.",
+                ),
+                &["listener"],
+            )
+            .expect("valid metric definition"),
+            active: IntGaugeVec::new(
+                Opts::new(
+                    "echo_connections_active",
+                    "Connections currently open (made and not yet lost).",
+                ),
+                &["listener"],
+            )
+            .expect("valid metric definition"),
+            lost: IntCounterVec::new(
+                Opts::new(
+                    "echo_connections_lost_total",
+                    "Connections that ended, by reason (peer_closed and closed are clean).",
+                ),
+                &["listener", "reason"],
+            )
+            .expect("valid metric definition"),
+            rejected: IntCounterVec::new(
+                Opts::new(
+                    "echo_connections_rejected_total",
+                    "Connections accepted and closed at once because a policy refused them, by reason.",
+                ),
+                &["listener", "reason"],
+            )
+            .expect("valid metric definition"),
+            accept_errors: IntCounterVec::new(
+                Opts::new(
+                    "echo_accept_errors_total",
+                    "accept() calls that failed (EMFILE, ENFILE, ECONNABORTED, ...).",
+                ),
+                &["listener"],
+            )
+            .expect("valid metric definition"),
+        };
+        Self::with_vecs(vecs, ECHO_LISTENER)
+    }
+
+    fn with_vecs(vecs: StatVecs, listener: &str) -> Self {
         ConnectionStats {
-            made: IntCounter::new(
-                "echo_connections_made_total",
-                "Connections accepted and handed to a protocol.",
-            )
-            .expect("valid metric definition"),
-            active: IntGauge::new(
-                "echo_connections_active",
-                "Connections currently open (made and not yet lost).",
-            )
-            .expect("valid metric definition"),
+            made: vecs.made.with_label_values(&[listener]),
+            active: vecs.active.with_label_values(&[listener]),
             lost: LossReason::LABELS
                 .iter()
-                .map(|label| lost_vec.with_label_values(&[label]))
+                .map(|label| vecs.lost.with_label_values(&[listener, label]))
                 .collect(),
-            lost_vec,
             rejected: Refusal::LABELS
                 .iter()
-                .map(|label| rejected_vec.with_label_values(&[label]))
+                .map(|label| vecs.rejected.with_label_values(&[listener, label]))
                 .collect(),
-            rejected_vec,
-            accept_errors: IntCounter::new(
-                "echo_accept_errors_total",
-                "accept() calls that failed (EMFILE, ENFILE, ECONNABORTED, ...).",
-            )
-            .expect("valid metric definition"),
+            accept_errors: vecs.accept_errors.with_label_values(&[listener]),
+            vecs,
         }
     }
 
-    /// Register every counter in `registry`.
+    /// The counters of another listener (label value `listener`), in the same metric families.
+    pub fn for_listener(&self, listener: &str) -> Self {
+        Self::with_vecs(self.vecs.clone(), listener)
+    }
+
+    /// Register every metric family in `registry` (once, whatever the number of listeners).
     pub fn register(&self, registry: &Registry) -> prometheus::Result<()> {
-        registry.register(Box::new(self.made.clone()))?;
-        registry.register(Box::new(self.active.clone()))?;
-        registry.register(Box::new(self.lost_vec.clone()))?;
-        registry.register(Box::new(self.rejected_vec.clone()))?;
-        registry.register(Box::new(self.accept_errors.clone()))?;
+        registry.register(Box::new(self.vecs.made.clone()))?;
+        registry.register(Box::new(self.vecs.active.clone()))?;
+        registry.register(Box::new(self.vecs.lost.clone()))?;
+        registry.register(Box::new(self.vecs.rejected.clone()))?;
+        registry.register(Box::new(self.vecs.accept_errors.clone()))?;
         Ok(())
     }
 
@@ -155,6 +192,17 @@ impl ServiceState {
             phase: AtomicU8::new(Phase::Serving as u8),
             started_at: Instant::now(),
             max_connections,
+        }
+    }
+
+    /// The state of another listener of the same process (its own counters, labelled
+    /// `listener`, and its own phase, driven by its own server; no connection limit).
+    pub fn for_listener(&self, listener: &str) -> Self {
+        ServiceState {
+            stats: self.stats.for_listener(listener),
+            phase: AtomicU8::new(Phase::Serving as u8),
+            started_at: self.started_at,
+            max_connections: None,
         }
     }
 
