@@ -26,6 +26,8 @@
 //! - [`config`]: flags and `ECHO_*` variables.
 //! - [`signal`]: SIGTERM and SIGINT handling.
 //! - [`echo`]: the echo protocol and factory.
+//! - [`identity`]: the identity protocol (`--identity-listen`) and the echo greeting.
+//! - [`proxy_protocol`]: the PROXY protocol header parser and the wrapping layer that reads it.
 //!
 //! Data flows one way: socket → server → (policies → instrumentation) → protocol → transport
 //! → socket; telemetry and the admin server read the shared state, never the other way round.
@@ -40,6 +42,7 @@ pub mod config;
 pub mod connection;
 pub mod echo;
 pub mod factory;
+pub mod identity;
 pub mod policies;
 pub mod protocol;
 pub mod proxy_protocol;

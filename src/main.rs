@@ -7,10 +7,14 @@ use std::sync::Arc;
 use clap::Parser;
 
 use echo_service::admin::{self, Admin};
+use echo_service::identity::{GreetingFactory, Identity, IdentityFactory, IDENTITY_LISTENER};
 use echo_service::policies::{ConnectionLimit, PeerConnectionLimit};
-use echo_service::proxy_protocol::ProxyProtocolFactory;
+use echo_service::proxy_protocol::{ProxyProtocolFactory, ProxySettings};
 use echo_service::signal::ShutdownSignals;
-use echo_service::telemetry::{init_tracing, InstrumentedFactory, Metrics};
+use echo_service::state::ECHO_LISTENER;
+use echo_service::telemetry::{
+    init_tracing, InstrumentedFactory, Metrics, ProxyMetrics, TrafficMetrics,
+};
 use echo_service::{server, Config, EchoFactory, Factory, Refusal, Server, ServiceState};
 
 fn main() -> ExitCode {
@@ -86,48 +90,150 @@ async fn run(config: Config) -> Result<(), String> {
         config.admin_settings(),
     ));
 
+    let identity = Arc::new(Identity::from_env());
+    let identity_listener = match config.identity_listen {
+        Some(addr) => Some(
+            server::bind(addr, config.listen_backlog)
+                .map_err(|err| format!("cannot listen on '--identity-listen {addr}': {err}"))?,
+        ),
+        None => None,
+    };
+    let identity_addr = match &identity_listener {
+        Some(listener) => Some(
+            listener
+                .local_addr()
+                .map_err(|e| e.to_string())?
+                .to_string(),
+        ),
+        None => None,
+    };
+    tracing::info!(
+        listen = %listener.local_addr().map_err(|e| e.to_string())?,
+        admin = %admin_addr,
+        identity = identity_addr.as_deref(),
+        version = env!("CARGO_PKG_VERSION"),
+        otlp = tracing.exporting(),
+        proxy_protocol = config.proxy_protocol.as_str(),
+        proxy_protocol_trusted = %config.proxy_protocol_trusted,
+        greeting = config.greeting,
+        "echo-service serving"
+    );
+
+    // One shutdown signal for every listener.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let signal = signals.recv().await;
+        tracing::info!(signal, "shutdown requested; a second signal exits at once");
+        let _ = stop_tx.send(true);
+        let signal = signals.recv().await;
+        tracing::warn!(signal, "second signal: exiting now");
+        std::process::exit(1);
+    });
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+
+    let layers = Layers {
+        state: state.clone(),
+        traffic,
+        proxy_metrics,
+        proxy,
+    };
+    let identity_server = identity_listener.map(|listener| {
+        let layers = Layers {
+            state: Arc::new(state.for_listener(IDENTITY_LISTENER)),
+            ..layers.clone()
+        };
+        let app = IdentityFactory::new(identity.clone());
+        tokio::spawn(serve_app(
+            app,
+            layers,
+            config.clone(),
+            listener,
+            None,
+            stopped(),
+        ))
+    });
+    let echo = if config.greeting {
+        let app = GreetingFactory::new(EchoFactory, identity, ECHO_LISTENER);
+        serve_app(
+            app,
+            layers,
+            config.clone(),
+            listener,
+            config.max_connections_per_peer,
+            stopped(),
+        )
+        .await
+    } else {
+        serve_app(
+            EchoFactory,
+            layers,
+            config.clone(),
+            listener,
+            config.max_connections_per_peer,
+            stopped(),
+        )
+        .await
+    };
+    echo?;
+    if let Some(server) = identity_server {
+        server
+            .await
+            .map_err(|err| format!("identity server task failed: {err}"))??;
+    }
+    tracing.shutdown().await;
+    Ok(())
+}
+
+/// What every listener's stack shares.
+#[derive(Clone)]
+struct Layers {
+    state: Arc<ServiceState>,
+    traffic: Arc<TrafficMetrics>,
+    proxy_metrics: Arc<ProxyMetrics>,
+    proxy: Option<ProxySettings>,
+}
+
+/// Serve `app` on `listener` inside the shared layers, outermost first: the PROXY header layer
+/// (when on, so everything inside sees the original client), instrumentation, the total limit,
+/// the per-peer limit (`per_peer`); until `shutdown`, then drain.
+async fn serve_app<F: Factory>(
+    app: F,
+    layers: Layers,
+    config: Config,
+    listener: tokio::net::TcpListener,
+    per_peer: Option<u32>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
+    let Layers {
+        state,
+        traffic,
+        proxy_metrics,
+        proxy,
+    } = layers;
     // Behind a PROXY header layer the per-peer limit counts the original client, known only
     // once the header is read, so it checks at connection_made instead of at accept.
     let peer_limit = match proxy {
-        None => PeerConnectionLimit::new(EchoFactory, config.max_connections_per_peer),
+        None => PeerConnectionLimit::new(app, per_peer),
         Some(_) => PeerConnectionLimit::when_made(
-            EchoFactory,
-            config.max_connections_per_peer,
+            app,
+            per_peer,
             state.stats.rejected(Refusal::PeerLimit).clone(),
         ),
     };
     let factory =
         InstrumentedFactory::new(ConnectionLimit::new(peer_limit, state.clone()), traffic);
-    tracing::info!(
-        listen = %listener.local_addr().map_err(|e| e.to_string())?,
-        admin = %admin_addr,
-        version = env!("CARGO_PKG_VERSION"),
-        otlp = tracing.exporting(),
-        proxy_protocol = config.proxy_protocol.as_str(),
-        proxy_protocol_trusted = %config.proxy_protocol_trusted,
-        "echo-service serving"
-    );
-
-    let shutdown = async move {
-        let signal = signals.recv().await;
-        tracing::info!(signal, "shutdown requested; a second signal exits at once");
-        tokio::spawn(async move {
-            let signal = signals.recv().await;
-            tracing::warn!(signal, "second signal: exiting now");
-            std::process::exit(1);
-        });
-    };
-    // The PROXY header layer wraps everything, so the layers inside see the original client.
-    let served = match proxy {
+    match proxy {
         None => serve(factory, state, &config, listener, shutdown).await,
         Some(settings) => {
             let factory = ProxyProtocolFactory::new(factory, settings, proxy_metrics);
             serve(factory, state, &config, listener, shutdown).await
         }
-    };
-    served?;
-    tracing.shutdown().await;
-    Ok(())
+    }
 }
 
 /// Run the echo server with `factory` until `shutdown`, then drain.

@@ -27,6 +27,13 @@ pub trait Transport {
 
     /// Our end of the connection.
     fn local_addr(&self) -> SocketAddr;
+
+    /// The PROXY protocol header this connection started with, when a PROXY header layer
+    /// read one with the original client (then `peer_addr()` is that client). `None` by
+    /// default: a plain socket has no header.
+    fn proxy_header(&self) -> Option<&crate::proxy_protocol::Header> {
+        None
+    }
 }
 
 /// A transport that keeps what is written in memory, for unit tests of protocols.

@@ -7,6 +7,7 @@ mod config;
 mod drain;
 mod echo;
 mod faults;
+mod identity;
 mod metrics;
 mod otlp_receiver;
 mod policies;
