@@ -275,7 +275,7 @@ pub fn print_table(report: &Value) {
         println!(
             "{:<48} {:>12} {:>7.1}%",
             r["replica"].as_str().unwrap_or("?"),
-            r["connections"],
+            r["connections"].as_u64().unwrap_or(0),
             r["share"].as_f64().unwrap_or(0.0) * 100.0
         );
     }
