@@ -32,6 +32,9 @@ test: lint test-rust test-delivery ## Run every test: lint, Rust unit + black-bo
 test-rust: ## Rust unit tests and black-box tests of the real binary (needs promtool + prometheus)
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
 		echo "promtool/prometheus missing: apt-get install -y --no-install-recommends prometheus (.ci/run does this)"; exit 1; }
+	# The black-box tests run echo-bench, another workspace crate's binary: cargo builds a
+	# package's own binaries for its tests, not its neighbours'.
+	$(CARGO) build --locked --workspace --bins
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run --locked --workspace --all-targets --no-fail-fast; \
 	else \

@@ -231,13 +231,14 @@ pub fn respond(admin: &Admin, method: &Method, path: &str) -> Response<Full<Byte
 
 /// The `/healthz` body: the shared connection state.
 fn healthz(state: &ServiceState) -> serde_json::Value {
+    let (made, lost) = state.stats.totals_made_lost();
     serde_json::json!({
         "status": state.phase().as_str(),
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": (state.uptime_seconds() * 1000.0).round() / 1000.0,
-        "connections_active": state.stats.active.get(),
-        "connections_made_total": state.stats.made.get(),
-        "connections_lost_total": state.stats.lost_total(),
+        "connections_active": state.stats.total_active(),
+        "connections_made_total": made,
+        "connections_lost_total": lost,
     })
 }
 
@@ -308,7 +309,9 @@ mod tests {
     fn healthz_reports_the_shared_state() {
         let admin = admin(None);
         admin.state.stats.made.inc_by(3);
-        admin.state.stats.active.set(2);
+        admin.state.stats.opened();
+        // Totals are over every listener.
+        admin.state.for_listener("tls").stats.opened();
         let health = body(respond(&admin, &Method::GET, "/healthz"));
         assert_eq!(health["status"], "serving");
         assert_eq!(health["connections_active"], 2);
@@ -323,11 +326,11 @@ mod tests {
     fn readyz_fails_while_draining_or_full() {
         let admin = admin(Some(1));
         assert_eq!(respond(&admin, &Method::GET, "/readyz").status(), 200);
-        admin.state.stats.active.set(1);
+        admin.state.stats.opened();
         let full = respond(&admin, &Method::GET, "/readyz");
         assert_eq!(full.status(), 503);
         assert_eq!(body(full)["reason"], "at_capacity");
-        admin.state.stats.active.set(0);
+        admin.state.stats.closed();
         admin.state.advance(Phase::Draining);
         let draining = respond(&admin, &Method::GET, "/readyz");
         assert_eq!(draining.status(), 503);

@@ -233,6 +233,16 @@ pub struct Config {
     /// 232..=65551 bytes.
     #[arg(long, env = "ECHO_PROXY_HEADER_MAX_BYTES", default_value = "4KiB", value_parser = parse_proxy_header_size, value_name = "BYTES")]
     pub proxy_header_max_bytes: usize,
+
+    /// Address of the identity port: every connection (after any PROXY header) gets one JSON
+    /// line saying which replica answered, then is closed. Unset: no identity port.
+    #[arg(long, env = "ECHO_IDENTITY_LISTEN", value_name = "ADDR")]
+    pub identity_listen: Option<SocketAddr>,
+
+    /// Send the identity JSON line first on every echo connection, then echo. Off by default:
+    /// the echo stream is byte-exact unless this is set.
+    #[arg(long, env = "ECHO_GREETING")]
+    pub greeting: bool,
 }
 
 /// The largest `--max-connections` accepted (far above any file descriptor limit).

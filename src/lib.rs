@@ -24,11 +24,13 @@
 //! - [`telemetry`]: Prometheus metrics, logs, OTLP spans, the instrumented factory.
 //! - [`admin`]: the admin HTTP server.
 //! - [`config`]: flags and `ECHO_*` variables.
-//! - [`signal`]: SIGTERM and SIGINT start the drain; SIGHUP and SIGUSR1/2 are logged and
-//!   ignored.
+//! - [`signal`]: SIGTERM and SIGINT start the drain; SIGHUP re-reads TLS certificates; SIGHUP
+//!   and SIGUSR1/2 are otherwise logged and ignored.
 //! - [`fd_limit`]: raise RLIMIT_NOFILE and derive the default connection limit from it, with a
 //!   reserve for the admin port.
 //! - [`echo`]: the echo protocol and factory, and the echo datagram protocol.
+//! - [`identity`]: the identity protocol (`--identity-listen`) and the echo greeting.
+//! - [`proxy_protocol`]: the PROXY protocol header parser and the wrapping layer that reads it.
 //! - [`datagram`]: the `DatagramProtocol` / `DatagramTransport` traits (Twisted's UDP side).
 //! - [`tls`]: TLS as a wrapping protocol over rustls's sans-I/O session, with certificate
 //!   reload and the TLS metrics.
@@ -49,6 +51,7 @@ pub mod datagram;
 pub mod echo;
 pub mod factory;
 pub mod fd_limit;
+pub mod identity;
 pub mod policies;
 pub mod protocol;
 pub mod proxy_protocol;

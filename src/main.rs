@@ -9,11 +9,13 @@ use clap::Parser;
 
 use echo_service::admin::{self, Admin};
 use echo_service::echo::EchoDatagram;
+use echo_service::identity::{GreetingFactory, Identity, IdentityFactory, IDENTITY_LISTENER};
 use echo_service::policies::{ConnectionLimit, PeerConnectionLimit};
 use echo_service::proxy_protocol::{ProxyProtocolFactory, ProxySettings};
 use echo_service::signal::{IgnoredSignals, ShutdownSignals};
+use echo_service::state::ECHO_LISTENER;
 use echo_service::telemetry::{
-    init_tracing, InstrumentedFactory, Metrics, ProxyMetrics, StdoutLog,
+    init_tracing, InstrumentedFactory, Metrics, ProxyMetrics, StdoutLog, TrafficMetrics,
 };
 use echo_service::tls::{CertStore, TlsFactory};
 use echo_service::udp::{self, UdpServer};
@@ -158,11 +160,13 @@ impl ShutdownBroadcast {
 
 /// The `listener` label of a listener of `kind`: the kind alone when it is the only one of its
 /// kind, else `kind:port`.
-fn listener_name(kind: &str, local: std::net::SocketAddr, of_kind: usize) -> String {
+/// Names live as long as the process (they label its metrics and greetings), and there is one
+/// per listener flag: leaking the few that carry a port is the simple way to get `'static`.
+fn listener_name(kind: &'static str, local: std::net::SocketAddr, of_kind: usize) -> &'static str {
     if of_kind > 1 {
-        format!("{kind}:{}", local.port())
+        Box::leak(format!("{kind}:{}", local.port()).into_boxed_str())
     } else {
-        kind.to_owned()
+        kind
     }
 }
 
@@ -219,7 +223,7 @@ async fn run(config: Config, log: StdoutLog) -> Result<(), RunError> {
             .local_addr()
             .map_err(|err| format!("UDP listener: {err}"))?;
         let name = listener_name("udp", local, config.udp_listen.len());
-        let counters = metrics.datagrams.listener(&name);
+        let counters = metrics.datagrams.listener(name);
         tracing::info!(udp = %local, listener = %name, "UDP echo serving");
         tokio::spawn(UdpServer::new(socket, EchoDatagram, counters, traffic.clone()).run());
     }
@@ -235,12 +239,12 @@ async fn run(config: Config, log: StdoutLog) -> Result<(), RunError> {
                 .local_addr()
                 .map_err(|err| format!("TLS listener: {err}"))?;
             let name = listener_name("tls", local, config.tls_listen.len());
-            let store = CertStore::load(tls_settings.clone(), metrics.tls.listener(&name))
+            let store = CertStore::load(tls_settings.clone(), metrics.tls.listener(name))
                 .map_err(RunError::Config)?;
             tokio::spawn(store.clone().watch());
             tracing::info!(tls = %local, listener = %name, "TLS echo serving");
             cert_stores.push(store.clone());
-            tls_listeners.push((listener, store));
+            tls_listeners.push((listener, store, name));
         }
     }
     let on_hangup: Option<Box<dyn Fn() + Send>> = (!cert_stores.is_empty()).then(|| {
@@ -258,48 +262,86 @@ async fn run(config: Config, log: StdoutLog) -> Result<(), RunError> {
         config.admin_settings(),
     ));
 
+    let identity = Arc::new(Identity::from_env());
+    let identity_listener = match config.identity_listen {
+        Some(addr) => Some(
+            server::bind(addr, config.listen_backlog)
+                .map_err(|err| format!("cannot listen on '--identity-listen {addr}': {err}"))?,
+        ),
+        None => None,
+    };
+    let identity_addr = match &identity_listener {
+        Some(listener) => Some(
+            listener
+                .local_addr()
+                .map_err(|e| e.to_string())?
+                .to_string(),
+        ),
+        None => None,
+    };
     tracing::info!(
         listen = %listener.local_addr().map_err(|e| e.to_string())?,
         admin = %admin_addr,
+        identity = identity_addr.as_deref(),
         version = env!("CARGO_PKG_VERSION"),
         otlp = tracing.exporting(),
         proxy_protocol = config.proxy_protocol.as_str(),
         proxy_protocol_trusted = %config.proxy_protocol_trusted,
+        greeting = config.greeting,
         "echo-service serving"
     );
 
     let shutdown = ShutdownBroadcast::start(signals);
-    let proxied = Proxied {
-        settings: proxy,
-        metrics: proxy_metrics,
+    let layers = Layers {
+        state: state.clone(),
+        traffic,
+        proxy_metrics,
+        proxy,
     };
     let mut servers = Vec::new();
-    let factory = InstrumentedFactory::new(
-        ConnectionLimit::new(
-            peer_limited(EchoFactory, &config, &state, &proxied),
-            state.clone(),
-        ),
-        traffic.clone(),
-    );
-    servers.push(proxied.spawn(factory, listener, &state, &config, shutdown.wait()));
-    for (listener, store) in tls_listeners {
-        // TLS inside the PROXY layer (HAProxy sends the header before the handshake) and
-        // outside the instrumentation: spans and byte counts see the plaintext echo, and the
-        // span covers the handshake.
-        let factory = ConnectionLimit::new(
-            peer_limited(
-                TlsFactory::new(
-                    InstrumentedFactory::new(EchoFactory, traffic.clone()),
-                    store,
-                ),
-                &config,
-                &state,
-                &proxied,
-            ),
-            state.clone(),
-        );
-        servers.push(proxied.spawn(factory, listener, &state, &config, shutdown.wait()));
+    if let Some(listener) = identity_listener {
+        let app = IdentityFactory::new(identity.clone());
+        let layers = layers.for_listener(IDENTITY_LISTENER);
+        servers.push(layers.spawn(app, None, &config, listener, None, shutdown.wait()));
     }
+    for (listener, store, name) in tls_listeners {
+        let layers = layers.for_listener(name);
+        let per_peer = config.max_connections_per_peer;
+        servers.push(if config.greeting {
+            let app = GreetingFactory::new(EchoFactory, identity.clone(), name);
+            layers.spawn(
+                app,
+                Some(store),
+                &config,
+                listener,
+                per_peer,
+                shutdown.wait(),
+            )
+        } else {
+            layers.spawn(
+                EchoFactory,
+                Some(store),
+                &config,
+                listener,
+                per_peer,
+                shutdown.wait(),
+            )
+        });
+    }
+    let per_peer = config.max_connections_per_peer;
+    servers.push(if config.greeting {
+        let app = GreetingFactory::new(EchoFactory, identity, ECHO_LISTENER);
+        layers.spawn(app, None, &config, listener, per_peer, shutdown.wait())
+    } else {
+        layers.spawn(
+            EchoFactory,
+            None,
+            &config,
+            listener,
+            per_peer,
+            shutdown.wait(),
+        )
+    });
     for server in servers {
         server
             .await
@@ -309,56 +351,82 @@ async fn run(config: Config, log: StdoutLog) -> Result<(), RunError> {
     Ok(())
 }
 
-/// The per-peer connection limit around `inner`. Behind a PROXY header layer it counts the
-/// original client, known only once the header is read, so it checks at `connection_made`
-/// instead of at accept.
-fn peer_limited<F: Factory>(
-    inner: F,
-    config: &Config,
-    state: &ServiceState,
-    proxied: &Proxied,
-) -> PeerConnectionLimit<F> {
-    match proxied.settings {
-        None => PeerConnectionLimit::new(inner, config.max_connections_per_peer),
-        Some(_) => PeerConnectionLimit::when_made(
-            inner,
-            config.max_connections_per_peer,
-            state.stats.rejected(Refusal::PeerLimit).clone(),
-        ),
+/// What every stream listener's stack shares.
+#[derive(Clone)]
+struct Layers {
+    /// This listener's state (its counters; the connection limit is the process's).
+    state: Arc<ServiceState>,
+    traffic: Arc<TrafficMetrics>,
+    proxy_metrics: Arc<ProxyMetrics>,
+    proxy: Option<ProxySettings>,
+}
+
+impl Layers {
+    /// The same layers for another listener, counting under its `listener` label.
+    fn for_listener(&self, listener: &str) -> Layers {
+        Layers {
+            state: Arc::new(self.state.for_listener(listener)),
+            ..self.clone()
+        }
     }
-}
 
-/// The PROXY header layer, when `--proxy-protocol` is on: it wraps every stream listener's
-/// whole stack, so every layer inside sees the original client.
-struct Proxied {
-    settings: Option<ProxySettings>,
-    metrics: Arc<ProxyMetrics>,
-}
-
-impl Proxied {
-    /// Serve `listener` with `factory` (behind the PROXY layer when it is on) until
+    /// Serve `app` on `listener` inside the layers, outermost first: the PROXY header layer
+    /// (when on, so everything inside sees the original client; on a TLS port the header
+    /// comes before the handshake, as HAProxy sends it), TLS (when `tls`), instrumentation
+    /// (inside TLS, so spans and byte counts see the plaintext and the span covers the
+    /// handshake), the total limit, the per-peer limit (`per_peer`), then the app; until
     /// `shutdown`, then drain. The accept loop runs on a worker thread, not on the block_on
     /// thread: connection tasks it spawns then start on the same worker without a
     /// cross-thread wake-up per accept.
     fn spawn<F: Factory>(
         &self,
-        factory: F,
-        listener: tokio::net::TcpListener,
-        state: &Arc<ServiceState>,
+        app: F,
+        tls: Option<Arc<CertStore>>,
         config: &Config,
+        listener: tokio::net::TcpListener,
+        per_peer: Option<u32>,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> tokio::task::JoinHandle<()> {
+        let state = &self.state;
+        // Behind a PROXY header layer the per-peer limit counts the original client, known
+        // only once the header is read, so it checks at connection_made instead of at accept.
+        let peer_limit = match self.proxy {
+            None => PeerConnectionLimit::new(app, per_peer),
+            Some(_) => PeerConnectionLimit::when_made(
+                app,
+                per_peer,
+                state.stats.rejected(Refusal::PeerLimit).clone(),
+            ),
+        };
+        let factory = InstrumentedFactory::new(
+            ConnectionLimit::new(peer_limit, state.clone()),
+            self.traffic.clone(),
+        );
+        match tls {
+            None => self.spawn_proxied(factory, config, listener, shutdown),
+            Some(store) => {
+                self.spawn_proxied(TlsFactory::new(factory, store), config, listener, shutdown)
+            }
+        }
+    }
+
+    fn spawn_proxied<F: Factory>(
+        &self,
+        factory: F,
+        config: &Config,
+        listener: tokio::net::TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> tokio::task::JoinHandle<()> {
         let (settings, drain) = (config.connection_settings(), config.drain_settings());
-        match &self.settings {
+        let state = self.state.clone();
+        match &self.proxy {
             None => {
-                let server = Server::new(factory, state.clone(), settings, drain);
-                tokio::spawn(server.run(listener, shutdown))
+                tokio::spawn(Server::new(factory, state, settings, drain).run(listener, shutdown))
             }
             Some(proxy) => {
                 let factory =
-                    ProxyProtocolFactory::new(factory, proxy.clone(), self.metrics.clone());
-                let server = Server::new(factory, state.clone(), settings, drain);
-                tokio::spawn(server.run(listener, shutdown))
+                    ProxyProtocolFactory::new(factory, proxy.clone(), self.proxy_metrics.clone());
+                tokio::spawn(Server::new(factory, state, settings, drain).run(listener, shutdown))
             }
         }
     }

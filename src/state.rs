@@ -6,10 +6,11 @@
 //! protocol is built, `active` when the connection task is created and again when it is dropped
 //! (so a panicking protocol still leaves the count right), and `lost{reason}` on that drop.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU8, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 use crate::factory::Refusal;
 use crate::protocol::LossReason;
@@ -45,77 +46,148 @@ impl Phase {
     }
 }
 
-/// Connection counters, registered as Prometheus metrics.
+/// The `listener` label value of the echo port's connection metrics. Every connection metric
+/// carries a `listener` label naming the listener kind (`tcp`, `identity`; `tls`, `udp` by
+/// the same rule), `kind:port` (e.g. `tcp:8001`) only when several listeners of one kind exist.
+pub const ECHO_LISTENER: &str = "tcp";
+
+/// Connection counters of one listener, registered as Prometheus metrics. The vectors are
+/// shared by every listener ([`ConnectionStats::for_listener`]); the children belong to one.
 #[derive(Debug)]
 pub struct ConnectionStats {
-    /// `echo_connections_made_total`: protocols built.
+    /// `echo_connections_made_total{listener}`: protocols built.
     pub made: IntCounter,
-    /// `echo_connections_active`: protocols built and not yet lost.
+    /// `echo_connections_active{listener}`: protocols built and not yet lost.
     pub active: IntGauge,
-    /// `echo_connections_lost_total{reason}`, one child per [`LossReason::LABELS`] entry.
+    /// `echo_connections_lost_total{listener,reason}`, one child per [`LossReason::LABELS`].
     lost: Vec<IntCounter>,
-    lost_vec: IntCounterVec,
-    /// `echo_connections_rejected_total{reason}`, one child per [`Refusal::LABELS`] entry.
+    /// `echo_connections_rejected_total{listener,reason}`, one child per [`Refusal::LABELS`].
     rejected: Vec<IntCounter>,
-    rejected_vec: IntCounterVec,
-    /// `echo_accept_errors_total`: failed `accept()` calls.
+    /// `echo_accept_errors_total{listener}`: failed `accept()` calls.
     pub accept_errors: IntCounter,
+    vecs: StatVecs,
+}
+
+/// The metric families, shared by the stats of every listener.
+#[derive(Debug, Clone)]
+struct StatVecs {
+    /// Open connections over every listener: what `--max-connections` limits (the descriptors
+    /// it protects are the process's, whichever port they came from).
+    total_active: Arc<AtomicI64>,
+    made: IntCounterVec,
+    active: IntGaugeVec,
+    lost: IntCounterVec,
+    rejected: IntCounterVec,
+    accept_errors: IntCounterVec,
 }
 
 impl ConnectionStats {
     fn new() -> Self {
-        let lost_vec = IntCounterVec::new(
-            Opts::new(
-                "echo_connections_lost_total",
-                "Connections that ended, by reason (peer_closed and closed are clean).",
-            ),
-            &["reason"],
-        )
-        .expect("valid metric definition");
-        let rejected_vec = IntCounterVec::new(
-            Opts::new(
-                "echo_connections_rejected_total",
-                "Connections accepted and closed at once because a policy refused them, by reason.",
-            ),
-            &["reason"],
-        )
-        .expect("valid metric definition");
+        let vecs = StatVecs {
+            total_active: Arc::new(AtomicI64::new(0)),
+            made: IntCounterVec::new(
+                Opts::new(
+                    "echo_connections_made_total",
+                    "Connections accepted and handed to a protocol.",
+                ),
+                &["listener"],
+            )
+            .expect("valid metric definition"),
+            active: IntGaugeVec::new(
+                Opts::new(
+                    "echo_connections_active",
+                    "Connections currently open (made and not yet lost).",
+                ),
+                &["listener"],
+            )
+            .expect("valid metric definition"),
+            lost: IntCounterVec::new(
+                Opts::new(
+                    "echo_connections_lost_total",
+                    "Connections that ended, by reason (peer_closed and closed are clean).",
+                ),
+                &["listener", "reason"],
+            )
+            .expect("valid metric definition"),
+            rejected: IntCounterVec::new(
+                Opts::new(
+                    "echo_connections_rejected_total",
+                    "Connections accepted and closed at once because a policy refused them, by reason.",
+                ),
+                &["listener", "reason"],
+            )
+            .expect("valid metric definition"),
+            accept_errors: IntCounterVec::new(
+                Opts::new(
+                    "echo_accept_errors_total",
+                    "accept() calls that failed (EMFILE, ENFILE, ECONNABORTED, ...).",
+                ),
+                &["listener"],
+            )
+            .expect("valid metric definition"),
+        };
+        Self::with_vecs(vecs, ECHO_LISTENER)
+    }
+
+    fn with_vecs(vecs: StatVecs, listener: &str) -> Self {
         ConnectionStats {
-            made: IntCounter::new(
-                "echo_connections_made_total",
-                "Connections accepted and handed to a protocol.",
-            )
-            .expect("valid metric definition"),
-            active: IntGauge::new(
-                "echo_connections_active",
-                "Connections currently open (made and not yet lost).",
-            )
-            .expect("valid metric definition"),
+            made: vecs.made.with_label_values(&[listener]),
+            active: vecs.active.with_label_values(&[listener]),
             lost: LossReason::LABELS
                 .iter()
-                .map(|label| lost_vec.with_label_values(&[label]))
+                .map(|label| vecs.lost.with_label_values(&[listener, label]))
                 .collect(),
-            lost_vec,
             rejected: Refusal::LABELS
                 .iter()
-                .map(|label| rejected_vec.with_label_values(&[label]))
+                .map(|label| vecs.rejected.with_label_values(&[listener, label]))
                 .collect(),
-            rejected_vec,
-            accept_errors: IntCounter::new(
-                "echo_accept_errors_total",
-                "accept() calls that failed (EMFILE, ENFILE, ECONNABORTED, ...).",
-            )
-            .expect("valid metric definition"),
+            accept_errors: vecs.accept_errors.with_label_values(&[listener]),
+            vecs,
         }
     }
 
-    /// Register every counter in `registry`.
+    /// The counters of another listener (label value `listener`), in the same metric families.
+    pub fn for_listener(&self, listener: &str) -> Self {
+        Self::with_vecs(self.vecs.clone(), listener)
+    }
+
+    /// A connection of this listener opened: `echo_connections_active` and the process total.
+    pub fn opened(&self) {
+        self.active.inc();
+        self.vecs.total_active.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A connection of this listener closed.
+    pub fn closed(&self) {
+        self.active.dec();
+        self.vecs.total_active.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Open connections over every listener.
+    pub fn total_active(&self) -> i64 {
+        self.vecs.total_active.load(Ordering::Relaxed)
+    }
+
+    /// Connections made and lost over every listener (for `/healthz`; reads every child).
+    pub fn totals_made_lost(&self) -> (u64, u64) {
+        let sum = |vec: &IntCounterVec| -> u64 {
+            use prometheus::core::Collector;
+            vec.collect()
+                .iter()
+                .flat_map(|family| family.get_metric())
+                .map(|m| m.get_counter().get_value() as u64)
+                .sum()
+        };
+        (sum(&self.vecs.made), sum(&self.vecs.lost))
+    }
+
+    /// Register every metric family in `registry` (once, whatever the number of listeners).
     pub fn register(&self, registry: &Registry) -> prometheus::Result<()> {
-        registry.register(Box::new(self.made.clone()))?;
-        registry.register(Box::new(self.active.clone()))?;
-        registry.register(Box::new(self.lost_vec.clone()))?;
-        registry.register(Box::new(self.rejected_vec.clone()))?;
-        registry.register(Box::new(self.accept_errors.clone()))?;
+        registry.register(Box::new(self.vecs.made.clone()))?;
+        registry.register(Box::new(self.vecs.active.clone()))?;
+        registry.register(Box::new(self.vecs.lost.clone()))?;
+        registry.register(Box::new(self.vecs.rejected.clone()))?;
+        registry.register(Box::new(self.vecs.accept_errors.clone()))?;
         Ok(())
     }
 
@@ -158,6 +230,18 @@ impl ServiceState {
         }
     }
 
+    /// The state of another listener of the same process: its own counters, labelled
+    /// `listener`, and its own phase, driven by its own server; the connection limit is the
+    /// process's, counted over every listener.
+    pub fn for_listener(&self, listener: &str) -> Self {
+        ServiceState {
+            stats: self.stats.for_listener(listener),
+            phase: AtomicU8::new(Phase::Serving as u8),
+            started_at: self.started_at,
+            max_connections: self.max_connections,
+        }
+    }
+
     /// The current phase.
     pub fn phase(&self) -> Phase {
         Phase::from_u8(self.phase.load(Ordering::Acquire))
@@ -173,10 +257,10 @@ impl ServiceState {
         self.max_connections
     }
 
-    /// True while the total connection limit is reached.
+    /// True while the total connection limit is reached (over every listener).
     pub fn at_capacity(&self) -> bool {
         self.max_connections
-            .is_some_and(|max| self.stats.active.get() >= max as i64)
+            .is_some_and(|max| self.stats.total_active() >= max as i64)
     }
 
     /// Why the service is not ready, or `None` when it is.
@@ -211,7 +295,7 @@ mod tests {
     fn readiness_reports_capacity_then_draining() {
         let state = ServiceState::new(Some(1));
         assert_eq!(state.not_ready_reason(), None);
-        state.stats.active.inc();
+        state.stats.opened();
         assert_eq!(state.not_ready_reason(), Some("at_capacity"));
         state.advance(Phase::Draining);
         assert_eq!(state.not_ready_reason(), Some("draining"));

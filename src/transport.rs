@@ -33,6 +33,13 @@ pub trait Transport {
     fn tls(&self) -> Option<&TlsInfo> {
         None
     }
+
+    /// The PROXY protocol header this connection started with, when a PROXY header layer
+    /// read one with the original client (then `peer_addr()` is that client). `None` by
+    /// default: a plain socket has no header.
+    fn proxy_header(&self) -> Option<&crate::proxy_protocol::Header> {
+        None
+    }
 }
 
 /// The parameters of an established TLS session, as the semantic conventions name them.

@@ -216,7 +216,7 @@ impl Drop for Accounting {
         });
         let shared = &self.shared;
         shared.state.stats.lost(reason).inc();
-        shared.state.stats.active.dec();
+        shared.state.stats.closed();
         if self.abort_key != NOT_REGISTERED {
             shared.abort.unregister(self.abort_key);
         }
@@ -242,7 +242,7 @@ impl<S, P: Protocol> Drop for ConnectionTask<S, P> {
 impl<S: ConnectionIo, P: Protocol> ConnectionTask<S, P> {
     /// A task for an accepted connection; counts it as active until dropped.
     pub fn new(stream: S, protocol: P, id: u64, shared: Arc<ConnectionShared>) -> Self {
-        shared.state.stats.active.inc();
+        shared.state.stats.opened();
         let now = Instant::now();
         let timed = PolicyClock::for_connection(&shared.time, id, now).map(|clock| {
             Box::new(Timed {

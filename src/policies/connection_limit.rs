@@ -62,16 +62,20 @@ mod tests {
         let state = Arc::new(ServiceState::new(Some(2)));
         let factory = ConnectionLimit::new(EchoFactory, state.clone());
         assert!(factory.build_protocol(&conn()).is_ok());
-        state.stats.active.set(2);
+        state.stats.opened();
+        // The limit counts every listener's connections.
+        state.for_listener("tls").stats.opened();
         assert_eq!(factory.build_protocol(&conn()).err(), Some(Refusal::Limit));
-        state.stats.active.set(1);
+        state.stats.closed();
         assert!(factory.build_protocol(&conn()).is_ok());
     }
 
     #[test]
     fn no_limit_never_refuses() {
         let state = Arc::new(ServiceState::new(None));
-        state.stats.active.set(1_000_000);
+        for _ in 0..100_000 {
+            state.stats.opened();
+        }
         let factory = ConnectionLimit::new(EchoFactory, state);
         assert!(factory.build_protocol(&conn()).is_ok());
     }

@@ -156,7 +156,7 @@ impl<P: Protocol> ProxyProtocol<P> {
             Phase::Proxied(proxied) => {
                 let mut transport = ProxiedTransport {
                     inner: transport,
-                    client: proxied.client,
+                    proxied,
                 };
                 self.inner.connection_made(&mut transport);
                 if !data.is_empty() {
@@ -312,12 +312,11 @@ impl<P: Protocol> Protocol for ProxyProtocol<P> {
         match &self.phase {
             Phase::Direct => self.inner.data_received(data, transport),
             Phase::Proxied(proxied) => {
-                let client = proxied.client;
                 self.inner.data_received(
                     data,
                     &mut ProxiedTransport {
                         inner: transport,
-                        client,
+                        proxied,
                     },
                 );
             }
@@ -357,10 +356,11 @@ impl<P: Protocol> Protocol for ProxyProtocol<P> {
     }
 }
 
-/// The transport the inner protocol sees after a PROXY header: the original client as peer.
+/// The transport the inner protocol sees after a PROXY header: the original client as peer,
+/// and the header itself.
 struct ProxiedTransport<'a> {
     inner: &'a mut dyn Transport,
-    client: SocketAddr,
+    proxied: &'a Proxied,
 }
 
 impl Transport for ProxiedTransport<'_> {
@@ -377,11 +377,15 @@ impl Transport for ProxiedTransport<'_> {
     }
 
     fn peer_addr(&self) -> SocketAddr {
-        self.client
+        self.proxied.client
     }
 
     fn local_addr(&self) -> SocketAddr {
         self.inner.local_addr()
+    }
+
+    fn proxy_header(&self) -> Option<&Header> {
+        Some(&self.proxied.header)
     }
 }
 

@@ -397,10 +397,10 @@ mod tests {
         let text = String::from_utf8(metrics.encode()).unwrap();
         for name in [
             "echo_connections_made_total",
-            "echo_connections_lost_total{reason=\"reset\"} 1",
-            "echo_connections_lost_total{reason=\"peer_closed\"} 0",
-            "echo_connections_active",
-            "echo_connections_rejected_total{reason=\"limit\"} 0",
+            "echo_connections_lost_total{listener=\"tcp\",reason=\"reset\"} 1",
+            "echo_connections_lost_total{listener=\"tcp\",reason=\"peer_closed\"} 0",
+            "echo_connections_active{listener=\"tcp\"} 0",
+            "echo_connections_rejected_total{listener=\"tcp\",reason=\"limit\"} 0",
             "echo_received_bytes_total",
             "echo_sent_bytes_total",
             "echo_connection_duration_seconds_bucket{le=\"172800\"}",

@@ -166,6 +166,10 @@ impl Transport for PlainTransport<'_> {
     fn tls(&self) -> Option<&TlsInfo> {
         self.info
     }
+
+    fn proxy_header(&self) -> Option<&crate::proxy_protocol::Header> {
+        self.outer.proxy_header()
+    }
 }
 
 impl<P: Protocol> TlsProtocol<P> {

@@ -8,6 +8,7 @@ mod drain;
 mod echo;
 mod faults;
 mod hardening;
+mod identity;
 mod metrics;
 mod otlp_receiver;
 mod policies;

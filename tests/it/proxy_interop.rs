@@ -339,3 +339,112 @@ fn proxy_interop_nginx_stream_proxy_protocol_on() {
     let (_nginx, front) = nginx(service.echo);
     through_proxies(&mut service, &receiver, &[front], &[("v1", 4.0)]);
 }
+
+/// Run `echo-bench spread` with `args`; its JSON report.
+fn spread(args: &[&str]) -> serde_json::Value {
+    let bin = std::path::Path::new(crate::support::SERVICE_BIN).with_file_name("echo-bench");
+    assert!(
+        bin.is_file(),
+        "{} missing: cargo build --workspace --locked",
+        bin.display()
+    );
+    let output = Command::new(bin)
+        .arg("spread")
+        .args(args)
+        .arg("--json")
+        .env_remove("ECHO_BENCH_TARGET")
+        .output()
+        .expect("run echo-bench spread");
+    assert!(
+        output.status.success(),
+        "echo-bench spread failed: {}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("JSON report")
+}
+
+/// 3 replicas behind HAProxy round-robin (with send-proxy-v2): `echo-bench spread` sees about
+/// a third each, on the identity port and on the echo port with `--greeting` (which also
+/// verifies an echo on each connection).
+#[test]
+fn proxy_interop_spread_report_over_three_replicas_behind_haproxy_round_robin() {
+    let replicas: Vec<Service> = (0..3)
+        .map(|i| {
+            Service::start_with_env(
+                &[
+                    "--identity-listen",
+                    "127.0.0.1:0",
+                    "--greeting",
+                    "--proxy-protocol",
+                    "required",
+                ],
+                &[("POD_NAME", &format!("echo-{i}"))],
+            )
+        })
+        .collect();
+    let dir = temp_dir("haproxy-rr");
+    let (identity_port, echo_port) = (free_port(), free_port());
+    let mut config = String::from(
+        "global\n  maxconn 500\ndefaults\n  mode tcp\n  timeout connect 2s\n  timeout client 20s\n  timeout server 20s\n",
+    );
+    for (name, port, addr) in [
+        (
+            "identity",
+            identity_port,
+            &(|s: &Service| crate::identity::identity_addr(s)) as &dyn Fn(&Service) -> SocketAddr,
+        ),
+        (
+            "echo",
+            echo_port,
+            &(|s: &Service| s.echo) as &dyn Fn(&Service) -> SocketAddr,
+        ),
+    ] {
+        config += &format!("listen {name}\n  bind 127.0.0.1:{port}\n  balance roundrobin\n");
+        for (i, replica) in replicas.iter().enumerate() {
+            config += &format!("  server r{i} {} send-proxy-v2\n", addr(replica));
+        }
+    }
+    let path = dir.join("haproxy.cfg");
+    std::fs::write(&path, &config).unwrap();
+    let mut command = Command::new(require_tool_or_apt("haproxy", "haproxy"));
+    command.arg("-db").arg("-f").arg(&path);
+    let _haproxy = Proxy::start(
+        command,
+        dir,
+        SocketAddr::from(([127, 0, 0, 1], identity_port)),
+    );
+
+    for (port, extra) in [(identity_port, None), (echo_port, Some("--greeting"))] {
+        let target = format!("127.0.0.1:{port}");
+        let mut args = vec![
+            "--target",
+            target.as_str(),
+            "--connections",
+            "300",
+            "--expected-replicas",
+            "3",
+        ];
+        args.extend(extra);
+        let report = spread(&args);
+        assert_eq!(report["errors"], 0, "{report}");
+        assert_eq!(report["identified"], 300, "{report}");
+        let per_replica: Vec<(String, u64)> = report["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["replica"].as_str().unwrap().to_string(),
+                    r["connections"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        let names: Vec<&str> = per_replica.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["echo-0", "echo-1", "echo-2"], "{report}");
+        for (name, n) in &per_replica {
+            assert!((80..=120).contains(n), "{name} got {n} of 300: {report}");
+        }
+        assert_eq!(report["chi_square"]["even"], true, "{report}");
+    }
+}

@@ -273,8 +273,35 @@ impl Metrics {
     }
 
     /// The sample `key` (e.g. `echo_connections_lost_total{reason="reset"}`), 0 if absent.
+    /// A key that names fewer labels than the samples carry sums every sample whose labels
+    /// include the named ones: `echo_connections_active` is the total over every `listener`.
     pub fn get(&self, key: &str) -> f64 {
-        self.0.get(key).copied().unwrap_or(0.0)
+        if let Some(value) = self.0.get(key) {
+            return *value;
+        }
+        let (name, wanted) = split_labels(key);
+        self.0
+            .iter()
+            .filter(|(k, _)| {
+                let (n, labels) = split_labels(k);
+                n == name && wanted.iter().all(|w| labels.contains(w))
+            })
+            .map(|(_, v)| v)
+            .sum()
+    }
+}
+
+/// `name{a="1",b="2"}` -> (`name`, [`a="1"`, `b="2"`]).
+fn split_labels(key: &str) -> (&str, Vec<&str>) {
+    match key.split_once('{') {
+        Some((name, rest)) => (
+            name,
+            rest.trim_end_matches('}')
+                .split(',')
+                .filter(|l| !l.is_empty())
+                .collect(),
+        ),
+        None => (key, Vec::new()),
     }
 }
 

@@ -44,6 +44,9 @@ pub enum Mode {
     Churn(ChurnArgs),
     /// Open N connections and hold them: does the server keep them, and what do they cost?
     Idle(IdleArgs),
+    /// Through a load balancer: which replica answered each of N connections, and is the
+    /// spread even (chi-square)? Reads echo-service's identity line.
+    Spread(SpreadArgs),
 }
 
 impl Mode {
@@ -53,6 +56,7 @@ impl Mode {
             Mode::Bulk(a) => &a.common,
             Mode::Churn(a) => &a.common,
             Mode::Idle(a) => &a.common,
+            Mode::Spread(a) => &a.common,
         }
     }
 
@@ -62,6 +66,7 @@ impl Mode {
             Mode::Bulk(_) => "bulk",
             Mode::Churn(_) => "churn",
             Mode::Idle(_) => "idle",
+            Mode::Spread(_) => "spread",
         }
     }
 }
@@ -174,6 +179,26 @@ pub struct IdleArgs {
     /// not charged to the idle connections.
     #[arg(long, default_value_t = 100)]
     pub prewarm: usize,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args, Debug)]
+pub struct SpreadArgs {
+    /// Connections to open through the balancer, one identity read on each.
+    #[arg(long, short = 'c', default_value_t = 300)]
+    pub connections: usize,
+    /// Connections open at the same time (1 = strictly one after another).
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// The target is an echo port with `--greeting`: read the identity line, then verify an
+    /// echo on the same connection. Default: an identity port (`--identity-listen`).
+    #[arg(long)]
+    pub greeting: bool,
+    /// Replicas behind the balancer, if known: ones that got no connection then count as 0
+    /// in the chi-square test. Default: the replicas seen.
+    #[arg(long)]
+    pub expected_replicas: Option<usize>,
     #[command(flatten)]
     pub common: Common,
 }

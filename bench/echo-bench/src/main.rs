@@ -13,7 +13,7 @@
 //! - `pattern.rs`: the pseudo-random stream we send, so echoes can be compared byte for byte.
 //! - `procstat.rs`: server CPU time and RSS from `/proc`; raising RLIMIT_NOFILE.
 //! - `run.rs`: the run clock (warm-up, measured window), counters, progress line, summaries.
-//! - `ping_pong.rs`, `bulk.rs`, `churn.rs`, `idle.rs`: one file per mode.
+//! - `ping_pong.rs`, `bulk.rs`, `churn.rs`, `idle.rs`, `spread.rs`: one file per mode.
 //!
 //! Every run is bounded: each mode stops at the end of its window, and the whole run is wrapped
 //! in a deadline (connect phase + warm-up + window + I/O timeouts + grace) past which it exits 1.
@@ -27,6 +27,7 @@ mod pattern;
 mod ping_pong;
 mod procstat;
 mod run;
+mod spread;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -101,6 +102,8 @@ fn main() -> ExitCode {
     }
     if common.json {
         println!("{report}");
+    } else if matches!(cli.mode, Mode::Spread(_)) {
+        spread::print_table(&report);
     } else {
         print_human(&report, "");
     }
@@ -131,6 +134,7 @@ impl Plan {
             Mode::Bulk(a) => (a.connections, "--connections"),
             Mode::Churn(a) => (a.connections, "--connections"),
             Mode::Idle(a) => (a.connections, "--connections"),
+            Mode::Spread(a) => (a.connections, "--connections"),
         };
         cli::check_connections(flag, connections)?;
         if !matches!(mode, Mode::Idle(_)) && c.duration.is_zero() {
@@ -215,6 +219,7 @@ async fn run_mode(mode: &Mode, plan: &Plan) -> Result<Value, String> {
         Mode::Bulk(a) => bulk::run(a, connector, plan.server).await,
         Mode::Churn(a) => churn::run(a, connector, plan.server).await,
         Mode::Idle(a) => idle::run(a, connector, plan.server).await,
+        Mode::Spread(a) => spread::run(a, connector).await,
     }
 }
 
