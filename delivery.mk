@@ -54,6 +54,7 @@ CONTAINER_FLAGS     := --runtime runc --ulimit nofile=20000:20000 --ulimit nproc
 
 image: ## Build the Dockerfile with buildah on local stand-in bases (tagged $(IMAGE))
 	@command -v buildah >/dev/null || { echo "buildah missing: apt-get install -y buildah podman runc skopeo debootstrap (.ci/run does this)"; exit 1; }
+	@[ "$$(id -u)" = 0 ] || { echo "make image needs root (rootful buildah/podman; debootstrap for the stand-in builder)"; exit 1; }
 	BUILDER_IMAGE=$(STAND_IN_BUILDER) RUNTIME_IMAGE=$(STAND_IN_RUNTIME) $(CURDIR)/tests/delivery/image/stand-in-bases.sh
 	buildah bud --pull=never --network host --layers $(CONTAINER_FLAGS) \
 		--build-arg BUILDER_IMAGE=$(STAND_IN_BUILDER) --build-arg RUNTIME_IMAGE=$(STAND_IN_RUNTIME) \
