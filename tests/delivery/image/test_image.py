@@ -19,11 +19,9 @@ them); `make test-image` builds the image first.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
-import socket
 import subprocess
 import tarfile
 import time
