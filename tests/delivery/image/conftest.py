@@ -1,8 +1,7 @@
-"""Fixtures for the container image tests: the image name and podman/skopeo helpers."""
+"""The image tests share tests/delivery/support.py (run from this subdirectory by `make test-image`)."""
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
