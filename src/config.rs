@@ -22,14 +22,16 @@ use crate::tls::{ClientAuth, TlsSettings};
 #[derive(Debug, Clone, Parser)]
 #[command(name = "echo-service", version, about, max_term_width = 100)]
 pub struct Config {
-    /// Address of the echo port. `[::]` listens on IPv6 and IPv4.
+    /// Address of the echo port. `[::]` listens on IPv6 and IPv4. Repeat the flag or separate
+    /// addresses with commas for several echo ports (`[::]:8000,[::]:8001`).
     #[arg(
         long,
         env = "ECHO_LISTEN",
         default_value = "[::]:8000",
+        value_delimiter = ',',
         value_name = "ADDR"
     )]
-    pub listen: SocketAddr,
+    pub listen: Vec<SocketAddr>,
 
     /// Address of the admin HTTP port (/metrics, /healthz, /readyz).
     #[arg(
@@ -261,11 +263,26 @@ impl Config {
                 "'--tls-cert', '--tls-key' and '--tls-client-ca' need '--tls-listen'".to_owned(),
             );
         }
-        if self.listen.port() != 0 && same_socket(self.listen, self.admin_listen) {
-            return Err(format!(
-                "invalid value for '--admin-listen': {} is the same port as --listen {}",
-                self.admin_listen, self.listen
-            ));
+        let streams = self
+            .listen
+            .iter()
+            .chain(&self.tls_listen)
+            .chain(&self.identity_listen);
+        for (i, &a) in streams.clone().enumerate() {
+            if a.port() == 0 {
+                continue;
+            }
+            if same_socket(a, self.admin_listen) {
+                return Err(format!(
+                    "invalid value for '--admin-listen': {} is the same port as the stream listener {a}",
+                    self.admin_listen
+                ));
+            }
+            if let Some(b) = streams.clone().skip(i + 1).find(|&&b| same_socket(a, b)) {
+                return Err(format!(
+                    "invalid value for '--listen', '--tls-listen' or '--identity-listen': {a} and {b} are the same port"
+                ));
+            }
         }
         if let Some(age) = self.max_connection_age {
             if self.max_connection_age_jitter > age {
@@ -590,7 +607,7 @@ mod tests {
     #[test]
     fn defaults_parse_and_validate() {
         let config = Config::try_parse_from(["echo-service"]).unwrap();
-        assert_eq!(config.listen.to_string(), "[::]:8000");
+        assert_eq!(config.listen, vec!["[::]:8000".parse().unwrap()]);
         assert_eq!(config.admin_listen.to_string(), "[::]:9000");
         assert!(config.validate().is_ok());
         let bad = Config::try_parse_from([

@@ -13,7 +13,6 @@ use echo_service::identity::{GreetingFactory, Identity, IdentityFactory, IDENTIT
 use echo_service::policies::{ConnectionLimit, PeerConnectionLimit};
 use echo_service::proxy_protocol::{ProxyProtocolFactory, ProxySettings};
 use echo_service::signal::{IgnoredSignals, ShutdownSignals};
-use echo_service::state::ECHO_LISTENER;
 use echo_service::telemetry::{
     init_tracing, InstrumentedFactory, Metrics, ProxyMetrics, StdoutLog, TrafficMetrics,
 };
@@ -194,14 +193,28 @@ async fn run(config: Config, log: StdoutLog) -> Result<(), RunError> {
     )
     .map_err(|err| RunError::Config(err.to_string()))?;
     let max_connections = connection_limit(&config);
-    let state = Arc::new(ServiceState::new(max_connections));
+    // Echo ports: the first one's state is the service's (its phase is what /readyz reports);
+    // the others count under their own listener label.
+    let mut echo_listeners = Vec::new();
+    for &addr in &config.listen {
+        let listener = server::bind(addr, config.listen_backlog)
+            .map_err(|err| format!("cannot listen on '--listen {addr}': {err}"))?;
+        let local = listener
+            .local_addr()
+            .map_err(|err| format!("echo listener: {err}"))?;
+        let name = listener_name("tcp", local, config.listen.len());
+        tracing::info!(tcp = %local, listener = name, "TCP echo serving");
+        echo_listeners.push((listener, name));
+    }
+    let state = Arc::new(ServiceState::for_first_listener(
+        max_connections,
+        echo_listeners[0].1,
+    ));
     let metrics = Metrics::register(&state).map_err(|err| format!("metrics: {err}"))?;
     let traffic = metrics.traffic.clone();
     let proxy_metrics = metrics.proxy.clone();
     let proxy = config.proxy_settings();
 
-    let listener = server::bind(config.listen, config.listen_backlog)
-        .map_err(|err| format!("cannot listen on '--listen {}': {err}", config.listen))?;
     let admin_listener = server::bind(config.admin_listen, 128).map_err(|err| {
         format!(
             "cannot listen on '--admin-listen {}': {err}",
@@ -280,7 +293,8 @@ async fn run(config: Config, log: StdoutLog) -> Result<(), RunError> {
         None => None,
     };
     tracing::info!(
-        listen = %listener.local_addr().map_err(|e| e.to_string())?,
+        listen = %echo_listeners[0].0.local_addr().map_err(|e| e.to_string())?,
+        listen_ports = echo_listeners.len(),
         admin = %admin_addr,
         identity = identity_addr.as_deref(),
         version = env!("CARGO_PKG_VERSION"),
@@ -329,19 +343,26 @@ async fn run(config: Config, log: StdoutLog) -> Result<(), RunError> {
         });
     }
     let per_peer = config.max_connections_per_peer;
-    servers.push(if config.greeting {
-        let app = GreetingFactory::new(EchoFactory, identity, ECHO_LISTENER);
-        layers.spawn(app, None, &config, listener, per_peer, shutdown.wait())
-    } else {
-        layers.spawn(
-            EchoFactory,
-            None,
-            &config,
-            listener,
-            per_peer,
-            shutdown.wait(),
-        )
-    });
+    for (i, (listener, name)) in echo_listeners.into_iter().enumerate() {
+        let layers = if i == 0 {
+            layers.clone()
+        } else {
+            layers.for_listener(name)
+        };
+        servers.push(if config.greeting {
+            let app = GreetingFactory::new(EchoFactory, identity.clone(), name);
+            layers.spawn(app, None, &config, listener, per_peer, shutdown.wait())
+        } else {
+            layers.spawn(
+                EchoFactory,
+                None,
+                &config,
+                listener,
+                per_peer,
+                shutdown.wait(),
+            )
+        });
+    }
     for server in servers {
         server
             .await

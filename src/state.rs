@@ -82,7 +82,7 @@ struct StatVecs {
 }
 
 impl ConnectionStats {
-    fn new() -> Self {
+    fn new(listener: &str) -> Self {
         let vecs = StatVecs {
             total_active: Arc::new(AtomicI64::new(0)),
             made: IntCounterVec::new(
@@ -126,7 +126,7 @@ impl ConnectionStats {
             )
             .expect("valid metric definition"),
         };
-        Self::with_vecs(vecs, ECHO_LISTENER)
+        Self::with_vecs(vecs, listener)
     }
 
     fn with_vecs(vecs: StatVecs, listener: &str) -> Self {
@@ -220,10 +220,18 @@ pub struct ServiceState {
 }
 
 impl ServiceState {
-    /// Fresh state in [`Phase::Serving`]; `max_connections` is the total connection limit, if any.
+    /// Fresh state in [`Phase::Serving`] for the echo port (listener `tcp`);
+    /// `max_connections` is the total connection limit, if any.
     pub fn new(max_connections: Option<u64>) -> Self {
+        Self::for_first_listener(max_connections, ECHO_LISTENER)
+    }
+
+    /// Fresh state whose own counters are labelled `listener` (the first echo port, `tcp` or
+    /// `tcp:PORT`); other listeners get theirs from [`ServiceState::for_listener`]. Its phase is
+    /// the one `/healthz` and `/readyz` report.
+    pub fn for_first_listener(max_connections: Option<u64>, listener: &str) -> Self {
         ServiceState {
-            stats: ConnectionStats::new(),
+            stats: ConnectionStats::new(listener),
             phase: AtomicU8::new(Phase::Serving as u8),
             started_at: Instant::now(),
             max_connections,

@@ -265,3 +265,78 @@ fn a_flood_the_server_cannot_answer_is_dropped_and_counted_with_flat_memory() {
         "RSS grew from {rss_before} to {rss_after}"
     );
 }
+
+/// The address logged for each listener of `kind` (`TCP`, `TLS`, `UDP`), in order.
+fn logged(service: &Service, kind: &str, expected: usize) -> Vec<SocketAddr> {
+    let field = kind.to_ascii_lowercase();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let addrs: Vec<SocketAddr> = service
+            .logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(&format!("{kind} echo serving")))
+            .map(|l| {
+                let json: serde_json::Value = serde_json::from_str(l).unwrap();
+                json["fields"][field.as_str()]
+                    .as_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap()
+            })
+            .collect();
+        if addrs.len() >= expected {
+            return addrs;
+        }
+        assert!(Instant::now() < deadline, "{kind} listeners not logged");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn two_tcp_ports_and_a_udp_port_in_one_process_are_counted_per_listener_and_add_up() {
+    use std::io::{Read, Write};
+    let service = Service::start(&[
+        "--listen",
+        "127.0.0.1:0,127.0.0.1:0",
+        "--udp-listen",
+        "127.0.0.1:0",
+    ]);
+    let tcp = logged(&service, "TCP", 2);
+    let udp = logged(&service, "UDP", 1);
+    for (i, &addr) in tcp.iter().enumerate() {
+        for _ in 0..=i {
+            let mut stream = crate::support::connect(addr);
+            stream.write_all(b"ping").unwrap();
+            let mut back = [0u8; 4];
+            stream.read_exact(&mut back).unwrap();
+            assert_eq!(&back, b"ping");
+        }
+    }
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    echo_datagram(&client, udp[0], b"pong");
+    let metrics = service.wait_metrics("three closed connections", |m| {
+        m.get("echo_connections_lost_total") == 3.0
+    });
+    let made = |addr: SocketAddr| {
+        metrics.get(&format!(
+            "echo_connections_made_total{{listener=\"tcp:{}\"}}",
+            addr.port()
+        ))
+    };
+    assert_eq!(made(tcp[0]), 1.0, "{metrics:?}");
+    assert_eq!(made(tcp[1]), 2.0, "{metrics:?}");
+    assert_eq!(
+        metrics.get("echo_datagrams_received_total{listener=\"udp\"}"),
+        1.0
+    );
+    // Totals add up over the listeners: 3 connections x 4 bytes + one 4-byte datagram.
+    assert_eq!(metrics.get("echo_received_bytes_total"), 16.0);
+    let health: serde_json::Value =
+        serde_json::from_str(&service.admin_get("/healthz").body).unwrap();
+    assert_eq!(health["connections_made_total"], 3);
+}
