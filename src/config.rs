@@ -114,9 +114,10 @@ pub struct Config {
     #[arg(long, env = "ECHO_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 
-    /// Upper bound of one OTLP export and of the final span flush at shutdown.
-    #[arg(long, env = "ECHO_EXPORT_TIMEOUT", default_value = "3s", value_parser = parse_positive_duration, value_name = "DURATION")]
-    pub export_timeout: Duration,
+    /// Upper bound of one OTLP export and of the final span flush at shutdown. Unset:
+    /// OTEL_EXPORTER_OTLP_TIMEOUT (milliseconds) if set, else 3s.
+    #[arg(long, env = "ECHO_EXPORT_TIMEOUT", value_parser = parse_positive_duration, value_name = "DURATION")]
+    pub export_timeout: Option<Duration>,
 
     /// Admin connections whose request headers take longer than this are closed.
     #[arg(long, env = "ECHO_ADMIN_HEADER_TIMEOUT", default_value = "5s", value_parser = parse_positive_duration, value_name = "DURATION")]

@@ -9,7 +9,7 @@ use clap::Parser;
 use echo_service::admin::{self, Admin};
 use echo_service::policies::{ConnectionLimit, PeerConnectionLimit};
 use echo_service::signal::ShutdownSignals;
-use echo_service::telemetry::{init_tracing, InstrumentedFactory, Metrics};
+use echo_service::telemetry::{init_tracing, InstrumentedFactory, Metrics, OtelSettings};
 use echo_service::{server, Config, EchoFactory, Server, ServiceState};
 
 fn main() -> ExitCode {
@@ -37,6 +37,14 @@ fn main() -> ExitCode {
         eprintln!("error: {message}");
         return ExitCode::from(2);
     }
+    // OTEL_* values that make export impossible are configuration errors too.
+    let otel = match OtelSettings::from_env() {
+        Ok(otel) => otel,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -47,7 +55,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config)) {
+    match runtime.block_on(run(config, otel)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("error: {message}");
@@ -56,11 +64,17 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config: Config) -> Result<(), String> {
-    let tracing = init_tracing(&config.log_level, config.log_format, config.otlp_settings())
-        .map_err(|err| err.to_string())?;
+async fn run(config: Config, otel: OtelSettings) -> Result<(), String> {
     let state = Arc::new(ServiceState::new(config.max_connections));
     let metrics = Metrics::register(&state).map_err(|err| format!("metrics: {err}"))?;
+    let tracing = init_tracing(
+        &config.log_level,
+        config.log_format,
+        config.otlp_settings(),
+        otel,
+        metrics.otlp.clone(),
+    )
+    .map_err(|err| err.to_string())?;
     let traffic = metrics.traffic.clone();
 
     let listener = server::bind(config.listen, config.listen_backlog)

@@ -8,6 +8,8 @@ mod drain;
 mod echo;
 mod faults;
 mod metrics;
+mod otel_env;
+mod otlp_health;
 mod otlp_receiver;
 mod policies;
 mod support;

@@ -28,8 +28,8 @@ const EXIT_SLACK: Duration = Duration::from_secs(2);
 /// The `OTEL_EXPORTER_OTLP_PROTOCOL` value for a receiver mode.
 fn protocol(mode: Mode) -> &'static str {
     match mode {
-        Mode::Grpc => "grpc",
-        Mode::Http | Mode::BlackHole => "http/protobuf",
+        Mode::Grpc | Mode::GrpcFailing => "grpc",
+        Mode::Http | Mode::HttpFailing | Mode::BlackHole => "http/protobuf",
     }
 }
 
