@@ -127,8 +127,11 @@ impl TlsMaterial {
         }
     }
 
+    /// tonic's TLS settings. HTTP/2 is assumed when the server negotiates no ALPN protocol:
+    /// TLS terminators in front of collectors often do not (an NLB TLS listener's default
+    /// ALPN policy is "None", `socat` has none), and the exporter only speaks HTTP/2 anyway.
     fn tonic_config(&self) -> tonic::transport::ClientTlsConfig {
-        let mut config = tonic::transport::ClientTlsConfig::new();
+        let mut config = tonic::transport::ClientTlsConfig::new().assume_http2(true);
         config = match &self.ca {
             Some((pem, _)) => config.ca_certificate(tonic::transport::Certificate::from_pem(pem)),
             None => config.with_native_roots(),

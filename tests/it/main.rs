@@ -9,6 +9,7 @@ mod echo;
 mod faults;
 mod metrics;
 mod otel_env;
+mod otel_tls;
 mod otlp_health;
 mod otlp_receiver;
 mod policies;
