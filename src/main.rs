@@ -103,7 +103,8 @@ async fn run(config: Config, otel: OtelSettings) -> Result<(), String> {
             state.clone(),
         ),
         traffic,
-    );
+    )
+    .with_spans(tracing.connection_spans());
     let server = Server::new(
         factory,
         state,

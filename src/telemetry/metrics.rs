@@ -26,7 +26,7 @@ const DURATION_BUCKETS: [f64; 16] = [
 ];
 
 /// Per-connection traffic metrics, updated by the instrumented protocol.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct TrafficMetrics {
     /// `echo_received_bytes_total`: bytes read from peers (added once per read).
     pub received_bytes: IntCounter,

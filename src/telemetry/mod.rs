@@ -5,6 +5,7 @@
 //! server reads them. Nothing here feeds back into how connections are served.
 
 mod batch;
+mod connection_span;
 mod exporter;
 mod instrumented;
 mod log_limit;
@@ -13,6 +14,7 @@ mod otel_env;
 mod tracing_setup;
 
 pub use batch::{error_kind, MeteredBatchProcessor};
+pub use connection_span::{ConnectionIds, ConnectionRecord, ConnectionSpans};
 pub use instrumented::{
     InstrumentedFactory, InstrumentedProtocol, CONNECTION_TARGET, LIFECYCLE_LOG_TARGET,
 };

@@ -1,9 +1,9 @@
 //! Logging and span export setup: `tracing-subscriber` for logs, OpenTelemetry over OTLP for
 //! connection spans.
 //!
-//! Logs go to stdout as text or JSON, filtered by `--log-level` (RUST_LOG syntax). Spans of
-//! target [`CONNECTION_TARGET`] are exported over OTLP when, and only when, the standard
-//! variables configure an endpoint; [`OtelSettings`] (module `otel_env`) reads and checks every
+//! Logs go to stdout as text or JSON, filtered by `--log-level` (RUST_LOG syntax). Connection
+//! spans (built at close by [`ConnectionSpans`]) are exported over OTLP when, and only when,
+//! the standard variables configure an endpoint; [`OtelSettings`] (module `otel_env`) reads and checks every
 //! `OTEL_*` variable the service honours, and this module builds the pipeline from it:
 //! exporter (module `exporter`), the counting batch processor (module `batch`), sampler and
 //! resource. Invalid `OTEL_*` values that were ignored are logged here, once each, as soon as
@@ -24,15 +24,14 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::KeyValue;
 use opentelemetry_sdk::trace::{SdkTracerProvider, SpanExporter as _};
 use opentelemetry_sdk::Resource;
-use tracing::Level;
-use tracing_subscriber::filter::{EnvFilter, Targets};
+use tracing_subscriber::filter::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
 
 use super::batch::MeteredBatchProcessor;
+use super::connection_span::{ConnectionIds, ConnectionSpans};
 use super::exporter::build_exporter;
-use super::instrumented::CONNECTION_TARGET;
 use super::log_limit::SdkLogLimit;
 use super::metrics::OtlpMetrics;
 use super::otel_env::{ExportSettings, OtelSettings, DEFAULT_EXPORT_TIMEOUT};
@@ -76,10 +75,16 @@ impl TracingSetupError {
 /// Keeps the span exporter alive; [`TracingGuard::shutdown`] flushes it.
 pub struct TracingGuard {
     provider: Option<SdkTracerProvider>,
+    spans: Option<ConnectionSpans>,
     export_timeout: Duration,
 }
 
 impl TracingGuard {
+    /// The connection span builder, when exporting (for the instrumented factory).
+    pub fn connection_spans(&self) -> Option<ConnectionSpans> {
+        self.spans.clone()
+    }
+
     /// Is OTLP export on?
     pub fn exporting(&self) -> bool {
         self.provider.is_some()
@@ -135,26 +140,17 @@ pub fn init_tracing(
         .export_timeout
         .or(otel.export.as_ref().and_then(|e| e.timeout))
         .unwrap_or(DEFAULT_EXPORT_TIMEOUT);
-    let provider = match &otel.export {
-        Some(export) => Some(build_provider(export, export_timeout, metrics)?),
-        None => None,
+    let (provider, spans) = match &otel.export {
+        Some(export) => {
+            let ids = ConnectionIds::new();
+            let provider = build_provider(export, export_timeout, metrics, ids.clone())?;
+            let spans = ConnectionSpans::new(provider.tracer("echo-service"), ids);
+            (Some(provider), Some(spans))
+        }
+        None => (None, None),
     };
-    let otel_layer = provider.as_ref().map(|provider| {
-        tracing_opentelemetry::layer()
-            .with_tracer(provider.tracer("echo-service"))
-            .with_location(false)
-            .with_threads(false)
-            .with_tracked_inactivity(false)
-            .with_level(false)
-            .with_target(false)
-            // Entering a span would start the SDK span (attributes, events, context): keep
-            // the live span a lean builder until it closes.
-            .with_context_activation(false)
-            .with_filter(Targets::new().with_target(CONNECTION_TARGET, Level::DEBUG))
-    });
     tracing_subscriber::registry()
         .with(fmt_layer)
-        .with(otel_layer)
         .try_init()
         .map_err(|err| TracingSetupError(format!("could not install the log subscriber: {err}")))?;
     for warning in &otel.warnings {
@@ -179,6 +175,7 @@ pub fn init_tracing(
     }
     Ok(TracingGuard {
         provider,
+        spans,
         export_timeout,
     })
 }
@@ -187,6 +184,7 @@ fn build_provider(
     export: &ExportSettings,
     export_timeout: Duration,
     metrics: Arc<OtlpMetrics>,
+    ids: ConnectionIds,
 ) -> Result<SdkTracerProvider, TracingSetupError> {
     let mut exporter = build_exporter(export, export_timeout)?;
 
@@ -209,6 +207,7 @@ fn build_provider(
     Ok(SdkTracerProvider::builder()
         .with_span_processor(processor)
         .with_sampler(export.sampler.clone())
+        .with_id_generator(ids)
         .with_resource(resource)
         .build())
 }
