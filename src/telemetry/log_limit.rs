@@ -17,6 +17,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tracing::field::{Field, Visit};
+use tracing::level_filters::LevelFilter;
+use tracing::subscriber::Interest;
 use tracing::{Event, Metadata};
 use tracing_subscriber::layer::{Context, Filter};
 
@@ -98,9 +100,25 @@ impl Visit for FieldText {
     }
 }
 
+/// Combined with the log level filter (`FilterExt::and`), this filter must not cost anything
+/// for other call sites: it never narrows a level (`max_level_hint` is TRACE, so the combined
+/// hint stays the level filter's and disabled `debug!` call sites stay disabled statically),
+/// and only the OpenTelemetry crates' call sites are re-checked per event.
 impl<S> Filter<S> for SdkLogLimit {
     fn enabled(&self, _metadata: &Metadata<'_>, _cx: &Context<'_, S>) -> bool {
         true
+    }
+
+    fn callsite_enabled(&self, metadata: &'static Metadata<'static>) -> Interest {
+        if Self::is_sdk(metadata) {
+            Interest::sometimes()
+        } else {
+            Interest::always()
+        }
+    }
+
+    fn max_level_hint(&self) -> Option<LevelFilter> {
+        Some(LevelFilter::TRACE)
     }
 
     fn event_enabled(&self, event: &Event<'_>, _cx: &Context<'_, S>) -> bool {

@@ -24,7 +24,7 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::KeyValue;
 use opentelemetry_sdk::trace::{SdkTracerProvider, SpanExporter as _};
 use opentelemetry_sdk::Resource;
-use tracing_subscriber::filter::EnvFilter;
+use tracing_subscriber::filter::{EnvFilter, FilterExt};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
@@ -133,8 +133,7 @@ pub fn init_tracing(
             .with_span_list(false)
             .boxed(),
     }
-    .with_filter(filter)
-    .with_filter(SdkLogLimit::default());
+    .with_filter(filter.and(SdkLogLimit::default()));
 
     let export_timeout = otlp
         .export_timeout

@@ -7,6 +7,7 @@ mod config;
 mod drain;
 mod echo;
 mod faults;
+mod log_limit;
 mod metrics;
 mod otel_env;
 mod otel_tls;
