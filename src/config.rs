@@ -47,7 +47,7 @@ pub struct Config {
     pub shutdown_timeout: Duration,
 
     /// Largest single read from a socket. The buffer is per worker thread, not per connection.
-    #[arg(long, env = "ECHO_READ_BUFFER_SIZE", default_value = "16KiB", value_parser = parse_size, value_name = "BYTES")]
+    #[arg(long, env = "ECHO_READ_BUFFER_SIZE", default_value = "64KiB", value_parser = parse_size, value_name = "BYTES")]
     pub read_buffer_size: usize,
 
     /// Most bytes buffered for a peer that is not reading; reading from it stops while full.
