@@ -3,6 +3,17 @@
 //!
 //! Data flows one way: the server and the protocols update counters and spans; the admin
 //! server reads them. Nothing here feeds back into how connections are served.
+//!
+//! # Layout
+//!
+//! - `instrumented`: the wrapping factory/protocol (byte counters, duration, debug log lines).
+//! - `connection_span`: the connection's OTLP span, built in one go at close, and its ids.
+//! - `otel_env`: every `OTEL_*` variable, read and checked per the specification.
+//! - `exporter`: the OTLP exporter (gRPC or HTTP, rustls, gzip, headers) from those settings.
+//! - `batch`: the span queue and export task that count what they do (`echo_otlp_*`).
+//! - `log_limit`: one log line per second per distinct export error.
+//! - `metrics`: every Prometheus metric, registered in one place.
+//! - `tracing_setup`: the log subscriber and the export pipeline, wired together.
 
 mod batch;
 mod connection_span;
