@@ -46,6 +46,11 @@ STOP_TIMEOUT_S = 5
 QUIET_CORES = 0.25
 # A measurement during which other processes used more than this many cores is flagged.
 NOISY_CORES = 0.15
+# A measurement during which the load generator used this much of its core is flagged as
+# client-bound: its throughput then measures echo-bench, not the server (on one client core,
+# how a server chunks its writes changes the client's cost per byte, so MB/s between servers
+# is not comparable; compare server CPU per MiB instead).
+CLIENT_BOUND_CORES = 0.9
 
 # Servers, in table column order. "idle_only" ones run in the idle scenarios and in those
 # marked "with_noexport" (churn: the CPU that span export costs per connection) alone.
@@ -262,14 +267,17 @@ class Suite:
                                      time.monotonic())
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=bound)
             # CPU used by anything but this server, this client and the OTLP sink: noise.
+            client = children_cpu_s() - cli0
             other = (cpu_busy_s() - busy0) - (proc_cpu_s(server.pid) - srv0) \
-                - (children_cpu_s() - cli0) - self.sink_cpu_delta()
+                - client - self.sink_cpu_delta()
             if out.returncode not in (0, 3) or not out.stdout.strip():
                 return {"error": f"echo-bench exited {out.returncode}: {out.stderr.strip()[-400:]}"}
             report = json.loads(out.stdout)
             report["exit_code"] = out.returncode
+            elapsed = time.monotonic() - t0
             report["noise"] = {"load_before_cores": round(load_before, 3),
-                               "other_cores": round(max(other, 0) / (time.monotonic() - t0), 3)}
+                               "other_cores": round(max(other, 0) / elapsed, 3),
+                               "client_cores": round(client / elapsed, 3)}
             derive(report)
             return report
         except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as e:
@@ -427,6 +435,11 @@ def markdown(args, meta, results, scen, sink):
                      if r["scenario"] == sname and r["server_name"] == s["name"]]
             if any(n > NOISY_CORES for n in noise):
                 shown += " (noisy: " + ", ".join(f"{n:.2f}" for n in noise) + " cores of other load)"
+            client = [get(r, "noise.client_cores") or 0 for r in results
+                      if r["scenario"] == sname and r["server_name"] == s["name"]]
+            if not sc.get("idle") and any(c >= CLIENT_BOUND_CORES for c in client):
+                shown += (" (client-bound: echo-bench used " + ", ".join(f"{c:.2f}" for c in client)
+                          + " of its core)")
             good = [v for v in vals if v]
             spread = f"{max(good) / min(good):.2f}" if good else "-"
             lines.append(f"| {sname} | {label} | {s['name']} | {shown} | {spread} |")
