@@ -8,12 +8,15 @@
 //! first export.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use opentelemetry_http::{Bytes, HttpClient, HttpError, Request, Response};
 
 use opentelemetry_otlp::{Compression, WithExportConfig, WithHttpConfig, WithTonicConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
+use super::log_limit::LogLimiter;
 use super::otel_env::{ExportSettings, NamedFile, OtlpProtocol, TlsFiles};
 use super::tracing_setup::TracingSetupError;
 
@@ -143,6 +146,35 @@ impl TlsMaterial {
     }
 }
 
+/// The HTTP client, logging why a request failed. The OTLP HTTP exporter reduces every
+/// transport failure to "network error"; an untrusted collector certificate or a refused
+/// connection should say so. At most one line per second per distinct error.
+#[derive(Debug)]
+struct ReportingClient<C> {
+    inner: C,
+    log: LogLimiter,
+}
+
+#[async_trait::async_trait]
+impl<C: HttpClient> HttpClient for ReportingClient<C> {
+    async fn send_bytes(&self, request: Request<Bytes>) -> Result<Response<Bytes>, HttpError> {
+        let result = self.inner.send_bytes(request).await;
+        if let Err(err) = &result {
+            let mut chain = err.to_string();
+            let mut source = err.source();
+            while let Some(cause) = source {
+                chain.push_str(": ");
+                chain.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            if let Some(suppressed) = self.log.admit(&chain, Instant::now()) {
+                tracing::warn!(error = %chain, suppressed, "OTLP/HTTP request failed");
+            }
+        }
+        result
+    }
+}
+
 /// Read and parse the certificate and key files, as at startup; the error names the variable.
 pub fn check_tls(files: &TlsFiles) -> Result<(), TracingSetupError> {
     TlsMaterial::load(files)?.rustls_config(files).map(drop)
@@ -188,7 +220,10 @@ pub fn build_exporter(
                 .https_or_http()
                 .enable_http1()
                 .build();
-            let client = opentelemetry_http::hyper::HyperClient::new(connector, timeout, None);
+            let client = ReportingClient {
+                inner: opentelemetry_http::hyper::HyperClient::new(connector, timeout, None),
+                log: LogLimiter::default(),
+            };
             let mut builder = opentelemetry_otlp::SpanExporter::builder()
                 .with_http()
                 .with_http_client(client)

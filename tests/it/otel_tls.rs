@@ -163,7 +163,8 @@ impl Drop for Terminator {
 }
 
 /// Run the service against `https://127.0.0.1:PORT` with `tls_env`, make 3 connections, stop
-/// it; returns (spans received, spans counted as export_failed, the metrics for messages).
+/// it; returns (spans received, spans counted as export_failed, the metrics and the log for
+/// messages).
 fn export_over_tls(
     mode: Mode,
     require_client: bool,
@@ -204,8 +205,8 @@ fn export_over_tls(
             == 3.0
     });
     let failed = metrics.get("echo_otlp_spans_dropped_total{reason=\"export_failed\"}");
-    let text = format!("{metrics:?}");
     let (status, _) = service.terminate(Duration::from_secs(20));
+    let text = format!("{metrics:?}\n{}", service.logs.lock().unwrap().join("\n"));
     assert!(status.success());
     (receiver.spans().len(), failed, text)
 }
@@ -254,6 +255,11 @@ fn an_untrusted_collector_certificate_fails_every_export_and_is_counted() {
             (spans, failed),
             (0, 3.0),
             "{mode:?}: an untrusted collector: {metrics}"
+        );
+        // The log says why: the certificate, not just "network error".
+        assert!(
+            metrics.contains("UnknownIssuer") || metrics.contains("unknown issuer"),
+            "{mode:?}: no certificate error in the log: {metrics}"
         );
     }
 }
