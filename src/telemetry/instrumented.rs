@@ -34,7 +34,7 @@ use crate::transport::Transport;
 /// The tracing target of the connection's debug span and its "connection lost" event.
 pub const CONNECTION_TARGET: &str = "echo_service::connection";
 
-/// The tracing target of the per-connection debug log lines that are not span events.
+/// The tracing target of the per-connection "connection made" debug log line.
 pub const LIFECYCLE_LOG_TARGET: &str = "echo_service::lifecycle";
 
 /// What every instrumented protocol shares: the traffic metrics and, when exporting, the

@@ -108,8 +108,9 @@ impl TracingGuard {
     }
 }
 
-/// Install the global subscriber: logs filtered by `log_filter`, plus the OTLP layer when
-/// `otel` configures export, counting into `metrics`. Must run inside the tokio runtime (the
+/// Install the global subscriber (logs filtered by `log_filter`) and, when `otel` configures
+/// export, the span pipeline counting into `metrics`; the guard hands out the
+/// [`ConnectionSpans`] for the instrumented factory. Must run inside the tokio runtime (the
 /// exporter and the batch processor run on it).
 pub fn init_tracing(
     log_filter: &str,
