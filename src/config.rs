@@ -52,7 +52,7 @@ pub struct Config {
     pub shutdown_timeout: Duration,
 
     /// Largest single read from a socket. The buffer is per worker thread, not per connection.
-    #[arg(long, env = "ECHO_READ_BUFFER_SIZE", default_value = "16KiB", value_parser = parse_size, allow_hyphen_values = true, value_name = "BYTES")]
+    #[arg(long, env = "ECHO_READ_BUFFER_SIZE", default_value = "64KiB", value_parser = parse_size, allow_hyphen_values = true, value_name = "BYTES")]
     pub read_buffer_size: usize,
 
     /// Most bytes buffered for a peer that is not reading; reading from it stops while full.
@@ -131,9 +131,10 @@ pub struct Config {
     #[arg(long, env = "ECHO_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 
-    /// Upper bound of one OTLP export and of the final span flush at shutdown.
-    #[arg(long, env = "ECHO_EXPORT_TIMEOUT", default_value = "3s", value_parser = parse_positive_duration, allow_hyphen_values = true, value_name = "DURATION")]
-    pub export_timeout: Duration,
+    /// Upper bound of one OTLP export and of the final span flush at shutdown. Unset:
+    /// OTEL_EXPORTER_OTLP_TIMEOUT (milliseconds) if set, else 3s.
+    #[arg(long, env = "ECHO_EXPORT_TIMEOUT", value_parser = parse_positive_duration, allow_hyphen_values = true, value_name = "DURATION")]
+    pub export_timeout: Option<Duration>,
 
     /// Admin connections whose request headers take longer than this are closed.
     #[arg(long, env = "ECHO_ADMIN_HEADER_TIMEOUT", default_value = "5s", value_parser = parse_positive_duration, allow_hyphen_values = true, value_name = "DURATION")]

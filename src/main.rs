@@ -14,7 +14,8 @@ use echo_service::policies::{ConnectionLimit, PeerConnectionLimit};
 use echo_service::proxy_protocol::{ProxyProtocolFactory, ProxySettings};
 use echo_service::signal::{IgnoredSignals, ShutdownSignals};
 use echo_service::telemetry::{
-    init_tracing, InstrumentedFactory, Metrics, ProxyMetrics, StdoutLog, TrafficMetrics,
+    init_tracing, ConnectionSpans, InstrumentedFactory, Metrics, OtelSettings, ProxyMetrics,
+    StdoutLog, TrafficMetrics,
 };
 use echo_service::tls::{CertStore, TlsFactory};
 use echo_service::udp::{self, UdpServer};
@@ -56,6 +57,14 @@ fn main() -> ExitCode {
         eprintln!("error: {message}");
         return ExitCode::from(2);
     }
+    // OTEL_* values that make export impossible are configuration errors too.
+    let otel = match OtelSettings::from_env() {
+        Ok(otel) => otel,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::from(2);
+        }
+    };
     let log = match StdoutLog::start(config.log_buffer_size) {
         Ok(log) => log,
         Err(err) => {
@@ -73,7 +82,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(run(config, log.clone()));
+    let result = runtime.block_on(run(config, log.clone(), otel));
     // Whatever stdout's reader does, exit within this bound; lines it never took are lost.
     log.flush(LOG_FLUSH_TIMEOUT);
     match result {
@@ -89,43 +98,63 @@ fn main() -> ExitCode {
     }
 }
 
-/// `--max-connections`, or when unset the limit derived from RLIMIT_NOFILE (raised to its hard
-/// limit first), so echo connections can never take the admin port's descriptors.
-fn connection_limit(config: &Config) -> Option<u64> {
-    let nofile = match fd_limit::raise_nofile() {
-        Ok(limit) => {
-            if limit.now > limit.before {
-                tracing::info!(
-                    from = limit.before,
-                    to = limit.now,
-                    "raised the RLIMIT_NOFILE soft limit to the hard limit"
-                );
-            }
-            limit.now
+/// The connection limit in force and how it was chosen, logged once logging is up.
+struct ConnectionLimitChoice {
+    limit: Option<u64>,
+    /// RLIMIT_NOFILE, raised to its hard limit, or why it could not be read.
+    nofile: std::io::Result<fd_limit::NofileLimit>,
+    reserve: u64,
+    derived: bool,
+}
+
+impl ConnectionLimitChoice {
+    /// `--max-connections`, or when unset the limit derived from RLIMIT_NOFILE (raised to its
+    /// hard limit first), so echo connections can never take the admin port's descriptors.
+    fn choose(config: &Config) -> Self {
+        let nofile = fd_limit::raise_nofile();
+        let reserve = fd_limit::reserve(config.admin_max_connections);
+        let (limit, derived) = match (&nofile, config.max_connections) {
+            (_, Some(limit)) => (Some(limit), false),
+            (Ok(nofile), None) => (
+                fd_limit::default_max_connections(nofile.now, config.admin_max_connections),
+                true,
+            ),
+            (Err(_), None) => (None, false),
+        };
+        ConnectionLimitChoice {
+            limit,
+            nofile,
+            reserve,
+            derived,
         }
-        Err(err) => {
-            tracing::warn!(error = %err, "could not read or raise RLIMIT_NOFILE");
-            return config.max_connections;
+    }
+
+    fn log(&self) {
+        match &self.nofile {
+            Ok(nofile) if nofile.now > nofile.before => tracing::info!(
+                from = nofile.before,
+                to = nofile.now,
+                "raised the RLIMIT_NOFILE soft limit to the hard limit"
+            ),
+            Ok(_) => {}
+            Err(err) => tracing::warn!(error = %err, "could not read or raise RLIMIT_NOFILE"),
         }
-    };
-    if config.max_connections.is_some() {
-        return config.max_connections;
+        let Ok(nofile) = &self.nofile else { return };
+        match (self.derived, self.limit) {
+            (true, Some(limit)) => tracing::info!(
+                max_connections = limit,
+                rlimit_nofile = nofile.now,
+                reserve = self.reserve,
+                "no --max-connections: derived from RLIMIT_NOFILE minus the reserve"
+            ),
+            (true, None) => tracing::warn!(
+                rlimit_nofile = nofile.now,
+                reserve = self.reserve,
+                "RLIMIT_NOFILE leaves no room beyond the reserve: no connection limit; raise it (ulimit -n)"
+            ),
+            _ => {}
+        }
     }
-    let derived = fd_limit::default_max_connections(nofile, config.admin_max_connections);
-    match derived {
-        Some(limit) => tracing::info!(
-            max_connections = limit,
-            rlimit_nofile = nofile,
-            reserve = fd_limit::reserve(config.admin_max_connections),
-            "no --max-connections: derived from RLIMIT_NOFILE minus the reserve"
-        ),
-        None => tracing::warn!(
-            rlimit_nofile = nofile,
-            reserve = fd_limit::reserve(config.admin_max_connections),
-            "RLIMIT_NOFILE leaves no room beyond the reserve: no connection limit; raise it (ulimit -n)"
-        ),
-    }
-    derived
 }
 
 /// The shutdown signal, told to every server: the first SIGTERM/SIGINT starts the drain of all
@@ -184,17 +213,9 @@ impl From<String> for RunError {
     }
 }
 
-async fn run(config: Config, log: StdoutLog) -> Result<(), RunError> {
-    let tracing = init_tracing(
-        &config.log_level,
-        config.log_format,
-        log,
-        config.otlp_settings(),
-    )
-    .map_err(|err| RunError::Config(err.to_string()))?;
-    let max_connections = connection_limit(&config);
-    // Echo ports: the first one's state is the service's (its phase is what /readyz reports);
-    // the others count under their own listener label.
+async fn run(config: Config, log: StdoutLog, otel: OtelSettings) -> Result<(), RunError> {
+    // Echo ports first: the first one's listener name labels the service's own state (its
+    // phase is what /readyz reports); the others count under their own listener label.
     let mut echo_listeners = Vec::new();
     for &addr in &config.listen {
         let listener = server::bind(addr, config.listen_backlog)
@@ -202,15 +223,31 @@ async fn run(config: Config, log: StdoutLog) -> Result<(), RunError> {
         let local = listener
             .local_addr()
             .map_err(|err| format!("echo listener: {err}"))?;
-        let name = listener_name("tcp", local, config.listen.len());
-        tracing::info!(tcp = %local, listener = name, "TCP echo serving");
-        echo_listeners.push((listener, name));
+        echo_listeners.push((
+            listener,
+            local,
+            listener_name("tcp", local, config.listen.len()),
+        ));
     }
+    let limit = ConnectionLimitChoice::choose(&config);
     let state = Arc::new(ServiceState::for_first_listener(
-        max_connections,
-        echo_listeners[0].1,
+        limit.limit,
+        echo_listeners[0].2,
     ));
     let metrics = Metrics::register(&state).map_err(|err| format!("metrics: {err}"))?;
+    let tracing = init_tracing(
+        &config.log_level,
+        config.log_format,
+        log,
+        config.otlp_settings(),
+        otel,
+        metrics.otlp.clone(),
+    )
+    .map_err(|err| RunError::Config(err.to_string()))?;
+    limit.log();
+    for (_, local, name) in &echo_listeners {
+        tracing::info!(tcp = %local, listener = name, "TCP echo serving");
+    }
     let traffic = metrics.traffic.clone();
     let proxy_metrics = metrics.proxy.clone();
     let proxy = config.proxy_settings();
@@ -293,7 +330,7 @@ async fn run(config: Config, log: StdoutLog) -> Result<(), RunError> {
         None => None,
     };
     tracing::info!(
-        listen = %echo_listeners[0].0.local_addr().map_err(|e| e.to_string())?,
+        listen = %echo_listeners[0].1,
         listen_ports = echo_listeners.len(),
         admin = %admin_addr,
         identity = identity_addr.as_deref(),
@@ -309,6 +346,7 @@ async fn run(config: Config, log: StdoutLog) -> Result<(), RunError> {
     let layers = Layers {
         state: state.clone(),
         traffic,
+        spans: tracing.connection_spans(),
         proxy_metrics,
         proxy,
     };
@@ -343,7 +381,7 @@ async fn run(config: Config, log: StdoutLog) -> Result<(), RunError> {
         });
     }
     let per_peer = config.max_connections_per_peer;
-    for (i, (listener, name)) in echo_listeners.into_iter().enumerate() {
+    for (i, (listener, _, name)) in echo_listeners.into_iter().enumerate() {
         let layers = if i == 0 {
             layers.clone()
         } else {
@@ -378,6 +416,8 @@ struct Layers {
     /// This listener's state (its counters; the connection limit is the process's).
     state: Arc<ServiceState>,
     traffic: Arc<TrafficMetrics>,
+    /// One OTLP span per connection, when exporting.
+    spans: Option<ConnectionSpans>,
     proxy_metrics: Arc<ProxyMetrics>,
     proxy: Option<ProxySettings>,
 }
@@ -422,7 +462,8 @@ impl Layers {
         let factory = InstrumentedFactory::new(
             ConnectionLimit::new(peer_limit, state.clone()),
             self.traffic.clone(),
-        );
+        )
+        .with_spans(self.spans.clone());
         match tls {
             None => self.spawn_proxied(factory, config, listener, shutdown),
             Some(store) => {

@@ -9,50 +9,80 @@
 //! bridge exports `u64`/`u16` fields as strings.
 //!
 //! Memory per open connection matters (idle connections are the product for mesh and load
-//! balancer tests), so the live span is kept lean:
+//! balancer tests), so the live connection carries no span state for export at all:
 //!
-//! - It is at DEBUG level with target [`CONNECTION_TARGET`]: when neither OTLP export nor debug
-//!   logging wants it, it is never created and costs nothing.
-//! - Every attribute, including the peer and local addresses known at accept, is set at close
-//!   (through `OpenTelemetrySpanExt`); while the connection lives the OTLP layer holds a bare
-//!   span builder, not a vector of attributes (it reserves room for every declared field, so
-//!   only `otel.kind` is declared). The protocol keeps the few addresses it needs to do that.
-//! - The "connection made" span event is added at close with the accept timestamp, for the same
-//!   reason; the debug log line for it is written at accept (target
-//!   [`LIFECYCLE_LOG_TARGET`], which the OTLP layer does not export) and carries the trace id
-//!   when exporting. Both log lines carry the connection id and peer.
+//! - The `tracing` span is at DEBUG level with target [`CONNECTION_TARGET`], for the debug log
+//!   lines only: at the default `info` level it is never created and costs nothing.
+//! - The OTLP span is built in one go at close ([`ConnectionSpans`]) from what the protocol
+//!   kept anyway (accept time, addresses, byte counts), when export is on.
+//! - The debug log lines ("connection made" at accept, target [`LIFECYCLE_LOG_TARGET`];
+//!   "connection lost" at close) carry the connection id, the peer and, when exporting, the
+//!   trace id the span has (derived from the connection id, so it is known at accept).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use opentelemetry::trace::Status;
-use opentelemetry::Value;
 use tracing::Span;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use super::connection_span::{ConnectionExtras, ConnectionRecord, ConnectionSpans};
 use super::metrics::TrafficMetrics;
 use crate::factory::{ConnectionInfo, Factory, Refusal};
 use crate::protocol::{LossReason, Protocol};
-use crate::transport::{TlsInfo, Transport};
+use crate::transport::Transport;
 
-/// The tracing target of connection spans and their events (the OTLP layer exports exactly
-/// this target).
+/// The tracing target of the connection's debug span and its "connection lost" event.
 pub const CONNECTION_TARGET: &str = "echo_service::connection";
 
-/// The tracing target of the per-connection debug log lines that are not span events.
+/// The tracing target of the per-connection "connection made" debug log line.
 pub const LIFECYCLE_LOG_TARGET: &str = "echo_service::lifecycle";
+
+/// What every instrumented protocol shares: the traffic metrics and, when exporting, the
+/// span builder.
+struct Instruments {
+    traffic: TrafficMetrics,
+    spans: Option<ConnectionSpans>,
+    /// The moment connection open times are counted from (see [`InstrumentedProtocol`]'s
+    /// `opened_at`).
+    epoch: Instant,
+}
+
+impl Instruments {
+    /// Nanoseconds since the epoch: 8 bytes per connection instead of an `Instant`'s 16.
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+}
 
 /// Wraps a factory; every protocol it builds is an [`InstrumentedProtocol`].
 pub struct InstrumentedFactory<F> {
     inner: F,
-    metrics: Arc<TrafficMetrics>,
+    shared: Arc<Instruments>,
 }
 
 impl<F> InstrumentedFactory<F> {
-    /// Instrument the protocols of `inner`, recording into `metrics`.
+    /// Instrument the protocols of `inner`, recording into `metrics`; no span export.
     pub fn new(inner: F, metrics: Arc<TrafficMetrics>) -> Self {
-        InstrumentedFactory { inner, metrics }
+        InstrumentedFactory {
+            inner,
+            shared: Arc::new(Instruments {
+                traffic: (*metrics).clone(),
+                spans: None,
+                epoch: Instant::now(),
+            }),
+        }
+    }
+
+    /// Also export one span per connection through `spans` (when `Some`).
+    pub fn with_spans(self, spans: Option<ConnectionSpans>) -> Self {
+        InstrumentedFactory {
+            inner: self.inner,
+            shared: Arc::new(Instruments {
+                traffic: self.shared.traffic.clone(),
+                spans,
+                epoch: self.shared.epoch,
+            }),
+        }
     }
 }
 
@@ -61,14 +91,12 @@ impl<F: Factory> Factory for InstrumentedFactory<F> {
 
     fn build_protocol(&self, conn: &ConnectionInfo) -> Result<Self::Protocol, Refusal> {
         let inner = self.inner.build_protocol(conn)?;
-        // Only `otel.kind` is declared: the OTLP layer reserves attribute room for every
-        // declared field, so everything else is set on the span at close.
-        let span = tracing::debug_span!(target: CONNECTION_TARGET, "echo.connection", otel.kind = "server");
+        let span = tracing::debug_span!(target: CONNECTION_TARGET, "echo.connection");
         Ok(InstrumentedProtocol {
             inner,
             span,
-            metrics: self.metrics.clone(),
-            opened_at: Instant::now(),
+            shared: self.shared.clone(),
+            opened_at: self.shared.now(),
             received: 0,
             sent: 0,
             id: conn.id,
@@ -76,7 +104,7 @@ impl<F: Factory> Factory for InstrumentedFactory<F> {
             peer_port: conn.peer.port(),
             local_ip: conn.local.ip(),
             local_port: conn.local.port(),
-            proxied: false,
+            extras: None,
             recorded: false,
         })
     }
@@ -93,10 +121,13 @@ impl<F: Factory> Factory for InstrumentedFactory<F> {
 /// A protocol plus its span and byte counts.
 pub struct InstrumentedProtocol<P> {
     inner: P,
-    /// The connection's span; closes when this protocol is dropped.
+    /// The connection's debug span (disabled unless debug logging wants it); closes when this
+    /// protocol is dropped.
     span: Span,
-    metrics: Arc<TrafficMetrics>,
-    opened_at: Instant,
+    shared: Arc<Instruments>,
+    /// When the connection was accepted, in nanoseconds since the factory's epoch (the task of
+    /// every idle connection holds this struct: 8 bytes, not an `Instant`'s 16).
+    opened_at: u64,
     received: u64,
     sent: u64,
     id: u64,
@@ -104,10 +135,10 @@ pub struct InstrumentedProtocol<P> {
     peer_port: u16,
     local_ip: IpAddr,
     local_port: u16,
-    /// A PROXY header layer outside reported an original client other than the peer (the
-    /// transport's `peer_addr()` at `connection_made`); its `client.*` attributes were set on
-    /// the span then (a flag, not the address: it costs no bytes in every connection's task).
-    proxied: bool,
+    /// The original client a PROXY header layer outside reported (the transport's
+    /// `peer_addr()` at `connection_made`, when it differs from the peer) and what TLS
+    /// negotiated; boxed and only for connections that have either.
+    extras: Option<Box<ConnectionExtras>>,
     /// Set by `connection_lost`; if the protocol is dropped without it (a panic), `Drop`
     /// records the loss so the histogram and the span agree with `lost{reason="panic"}`.
     recorded: bool,
@@ -116,11 +147,13 @@ pub struct InstrumentedProtocol<P> {
 impl<P: Protocol> Protocol for InstrumentedProtocol<P> {
     fn connection_made(&mut self, transport: &mut dyn Transport) {
         let client = transport.peer_addr();
-        if client != SocketAddr::new(self.peer_ip, self.peer_port) {
-            self.proxied = true;
-            if !self.span.is_disabled() {
-                set_client(&self.span, client);
-            }
+        let proxied = client != SocketAddr::new(self.peer_ip, self.peer_port);
+        let tls = transport.tls();
+        if proxied || tls.is_some() {
+            self.extras = Some(Box::new(ConnectionExtras {
+                client: proxied.then_some(client),
+                tls: tls.cloned(),
+            }));
         }
         if tracing::enabled!(target: LIFECYCLE_LOG_TARGET, tracing::Level::DEBUG) {
             tracing::debug!(
@@ -131,12 +164,9 @@ impl<P: Protocol> Protocol for InstrumentedProtocol<P> {
                 peer_port = self.peer_port,
                 client_address = %client.ip(),
                 client_port = client.port(),
-                trace_id = trace_id(&self.span).as_deref(),
+                trace_id = self.trace_id().as_deref(),
                 "connection made"
             );
-        }
-        if let Some(tls) = transport.tls() {
-            record_tls(&self.span, tls);
         }
         let _entered = self.span.enter();
         self.inner.connection_made(transport);
@@ -144,13 +174,13 @@ impl<P: Protocol> Protocol for InstrumentedProtocol<P> {
 
     fn data_received(&mut self, data: &[u8], transport: &mut dyn Transport) {
         self.received += data.len() as u64;
-        self.metrics.received_bytes.inc_by(data.len() as u64);
+        self.shared.traffic.received_bytes.inc_by(data.len() as u64);
         self.inner.data_received(data, transport);
     }
 
     fn bytes_sent(&mut self, n: usize) {
         self.sent += n as u64;
-        self.metrics.sent_bytes.inc_by(n as u64);
+        self.shared.traffic.sent_bytes.inc_by(n as u64);
         self.inner.bytes_sent(n);
     }
 
@@ -173,105 +203,57 @@ impl<P> Drop for InstrumentedProtocol<P> {
     }
 }
 
-/// The TLS attributes of the semantic conventions. Set at once rather than at close: a TLS
-/// connection already holds a TLS session many times the size of these attributes.
-fn record_tls(span: &Span, tls: &TlsInfo) {
-    if span.is_disabled() {
-        return;
-    }
-    span.set_attribute("tls.established", true);
-    span.set_attribute("tls.protocol.name", "tls");
-    span.set_attribute("tls.protocol.version", tls.protocol_version.clone());
-    span.set_attribute("tls.cipher", tls.cipher.clone());
-    for (key, value) in [
-        ("tls.server_name", &tls.server_name),
-        ("tls.next_protocol", &tls.alpn),
-        ("tls.client.subject", &tls.client_subject),
-    ] {
-        if let Some(value) = value {
-            span.set_attribute(key, value.clone());
-        }
-    }
-}
-
-/// The OpenTelemetry `client.*` attributes: the original client (`network.peer.*` is the
-/// socket's peer, which is the proxy when a PROXY header was used).
-fn set_client(span: &Span, client: SocketAddr) {
-    span.set_attribute("client.address", client.ip().to_string());
-    span.set_attribute("client.port", i64::from(client.port()));
-}
-
-/// The OTLP trace id of `span`, when it is being exported. Only called while debug logging is
-/// on: asking for the id starts the SDK span, which a lean idle connection avoids.
-fn trace_id(span: &Span) -> Option<String> {
-    use opentelemetry::trace::TraceContextExt;
-    let context = span.context();
-    let span_context = context.span().span_context().clone();
-    span_context
-        .is_valid()
-        .then(|| span_context.trace_id().to_string())
-}
-
 impl<P> InstrumentedProtocol<P> {
-    /// Observe the duration and finish the span's attributes, once.
+    /// The trace id of this connection's exported span, as hex, when exporting.
+    fn trace_id(&self) -> Option<String> {
+        self.shared
+            .spans
+            .as_ref()
+            .map(|spans| spans.trace_id(self.id).to_string())
+    }
+
+    /// Observe the duration, export the span, log the loss; once.
     fn record_loss(&mut self, reason: LossReason) {
         if std::mem::replace(&mut self.recorded, true) {
             return;
         }
-        let elapsed = self.opened_at.elapsed();
+        let elapsed =
+            std::time::Duration::from_nanos(self.shared.now().saturating_sub(self.opened_at));
         let duration = elapsed.as_secs_f64();
-        self.metrics.duration.observe(duration);
-        let span = &self.span;
-        if !span.is_disabled() {
-            let ip_type = if self.peer_ip.is_ipv4() {
-                "ipv4"
-            } else {
-                "ipv6"
-            };
-            let made_at = SystemTime::now()
-                .checked_sub(elapsed)
-                .unwrap_or(SystemTime::UNIX_EPOCH);
-            span.add_event_with_timestamp("connection made", made_at, Vec::new());
-            for (key, value) in [
-                ("network.transport", Value::from("tcp")),
-                ("network.type", Value::from(ip_type)),
-                (
-                    "network.peer.address",
-                    Value::from(self.peer_ip.to_string()),
-                ),
-                ("network.peer.port", Value::from(i64::from(self.peer_port))),
-                ("server.address", Value::from(self.local_ip.to_string())),
-                ("server.port", Value::from(i64::from(self.local_port))),
-                ("connection.id", Value::from(self.id as i64)),
-                ("echo.received_bytes", Value::from(self.received as i64)),
-                ("echo.sent_bytes", Value::from(self.sent as i64)),
-                ("echo.duration_seconds", Value::from(duration)),
-                ("echo.loss_reason", Value::from(reason.label())),
-            ] {
-                span.set_attribute(key, value);
-            }
-            if !self.proxied {
-                set_client(span, SocketAddr::new(self.peer_ip, self.peer_port));
-            }
-            if !reason.is_clean() {
-                span.set_status(Status::error(reason.label()));
-            }
+        self.shared.traffic.duration.observe(duration);
+        if let Some(spans) = &self.shared.spans {
+            let lost_at = SystemTime::now();
+            spans.record(&ConnectionRecord {
+                id: self.id,
+                peer_ip: self.peer_ip,
+                peer_port: self.peer_port,
+                local_ip: self.local_ip,
+                local_port: self.local_port,
+                received: self.received,
+                sent: self.sent,
+                made_at: lost_at
+                    .checked_sub(elapsed)
+                    .unwrap_or(SystemTime::UNIX_EPOCH),
+                lost_at,
+                duration_seconds: duration,
+                reason,
+                extras: self.extras.as_deref(),
+            });
         }
-        let trace = tracing::enabled!(target: LIFECYCLE_LOG_TARGET, tracing::Level::DEBUG)
-            .then(|| trace_id(span))
-            .flatten();
-        tracing::debug!(
-            target: CONNECTION_TARGET,
-            parent: span,
-            trace_id = trace.as_deref(),
-            reason = reason.label(),
-            connection_id = self.id,
-            peer_address = %self.peer_ip,
-            peer_port = self.peer_port,
-            proxied = self.proxied,
-            received_bytes = self.received as i64,
-            sent_bytes = self.sent as i64,
-            "connection lost"
-        );
+        if tracing::enabled!(target: CONNECTION_TARGET, tracing::Level::DEBUG) {
+            tracing::debug!(
+                target: CONNECTION_TARGET,
+                parent: &self.span,
+                trace_id = self.trace_id().as_deref(),
+                reason = reason.label(),
+                connection_id = self.id,
+                peer_address = %self.peer_ip,
+                peer_port = self.peer_port,
+                proxied = self.extras.as_ref().is_some_and(|e| e.client.is_some()),
+                received_bytes = self.received as i64,
+                sent_bytes = self.sent as i64,
+                "connection lost"
+            );
+        }
     }
 }

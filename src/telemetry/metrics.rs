@@ -29,7 +29,7 @@ const DURATION_BUCKETS: [f64; 20] = [
 ];
 
 /// Per-connection traffic metrics, updated by the instrumented protocol.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct TrafficMetrics {
     /// `echo_received_bytes_total`: bytes read from peers (added once per read).
     pub received_bytes: IntCounter,
@@ -290,6 +290,90 @@ impl ProxyMetrics {
     }
 }
 
+/// OTLP export buckets, 1 ms to 30 s (an export is bounded by the export timeout).
+const EXPORT_DURATION_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,
+];
+
+/// Why a finished span never reached the collector (the `reason` label).
+pub const SPAN_DROP_REASONS: [&str; 3] = ["queue_full", "export_failed", "shutdown"];
+
+/// Kinds of failed export (the `kind` label): `timeout` (no answer within the export
+/// timeout), `network` (connect, TLS or transport failure, gRPC `UNAVAILABLE`), `http_status`
+/// (the collector answered with a non-2xx status), `grpc_status` (any other gRPC status),
+/// `other`.
+pub const EXPORT_ERROR_KINDS: [&str; 5] =
+    ["timeout", "network", "http_status", "grpc_status", "other"];
+
+/// The health of the span export pipeline, updated by the span processor. Registered whether
+/// or not export is on: with export off every value stays zero.
+#[derive(Debug)]
+pub struct OtlpMetrics {
+    /// `echo_otlp_spans_exported_total`: spans the collector accepted.
+    pub spans_exported: IntCounter,
+    /// `echo_otlp_spans_dropped_total{reason}`: spans lost, by reason.
+    pub spans_dropped: IntCounterVec,
+    /// `echo_otlp_export_errors_total{kind}`: failed export requests, by kind.
+    pub export_errors: IntCounterVec,
+    /// `echo_otlp_export_duration_seconds`: how long each export request took.
+    pub export_duration: Histogram,
+    /// `echo_otlp_queue_spans`: finished spans waiting for export.
+    pub queue_spans: IntGauge,
+}
+
+impl OtlpMetrics {
+    /// The metrics, not yet in a registry.
+    pub fn new() -> prometheus::Result<OtlpMetrics> {
+        let metrics = OtlpMetrics {
+            spans_exported: IntCounter::new(
+                "echo_otlp_spans_exported_total",
+                "Connection spans the OTLP collector accepted.",
+            )?,
+            spans_dropped: IntCounterVec::new(
+                Opts::new(
+                    "echo_otlp_spans_dropped_total",
+                    "Connection spans that never reached the collector: queue_full (the export queue was full), export_failed (the export request failed), shutdown (still queued when the final flush ran out of time).",
+                ),
+                &["reason"],
+            )?,
+            export_errors: IntCounterVec::new(
+                Opts::new(
+                    "echo_otlp_export_errors_total",
+                    "Failed OTLP export requests, by kind: timeout, network, http_status, grpc_status, other.",
+                ),
+                &["kind"],
+            )?,
+            export_duration: Histogram::with_opts(
+                HistogramOpts::new(
+                    "echo_otlp_export_duration_seconds",
+                    "Duration of each OTLP export request, retries included.",
+                )
+                .buckets(EXPORT_DURATION_BUCKETS.to_vec()),
+            )?,
+            queue_spans: IntGauge::new(
+                "echo_otlp_queue_spans",
+                "Finished connection spans waiting in the export queue.",
+            )?,
+        };
+        // Every label value exists from the start, so rate() and alerts see zeros, not gaps.
+        for reason in SPAN_DROP_REASONS {
+            metrics.spans_dropped.with_label_values(&[reason]);
+        }
+        for kind in EXPORT_ERROR_KINDS {
+            metrics.export_errors.with_label_values(&[kind]);
+        }
+        Ok(metrics)
+    }
+
+    fn register(&self, registry: &Registry) -> prometheus::Result<()> {
+        registry.register(Box::new(self.spans_exported.clone()))?;
+        registry.register(Box::new(self.spans_dropped.clone()))?;
+        registry.register(Box::new(self.export_errors.clone()))?;
+        registry.register(Box::new(self.export_duration.clone()))?;
+        registry.register(Box::new(self.queue_spans.clone()))
+    }
+}
+
 /// The registry with everything in it, plus the handles the hot path needs.
 pub struct Metrics {
     registry: Registry,
@@ -303,14 +387,18 @@ pub struct Metrics {
     pub tls: TlsFamilies,
     /// Handed to the PROXY header layer.
     pub proxy: Arc<ProxyMetrics>,
+    /// Handed to the span processor (all zero while export is off).
+    pub otlp: Arc<OtlpMetrics>,
 }
 
 impl Metrics {
-    /// Register the shared state's counters, the traffic metrics, `echo_build_info` and the
-    /// process metrics.
+    /// Register the shared state's counters, the traffic metrics, the OTLP pipeline's
+    /// metrics, `echo_build_info` and the process metrics.
     pub fn register(state: &ServiceState) -> prometheus::Result<Self> {
         let registry = Registry::new();
         state.stats.register(&registry)?;
+        let otlp = OtlpMetrics::new()?;
+        otlp.register(&registry)?;
 
         let traffic = TrafficMetrics {
             received_bytes: IntCounter::new(
@@ -370,6 +458,7 @@ impl Metrics {
             datagrams,
             tls,
             proxy: Arc::new(proxy),
+            otlp: Arc::new(otlp),
         })
     }
 
@@ -414,6 +503,13 @@ mod tests {
             "process_resident_memory_bytes",
             "process_open_fds",
             "echo_proxy_headers_total{result=\"timeout\",version=\"none\"} 0",
+            "echo_otlp_spans_exported_total 0",
+            "echo_otlp_spans_dropped_total{reason=\"queue_full\"} 0",
+            "echo_otlp_spans_dropped_total{reason=\"export_failed\"} 0",
+            "echo_otlp_spans_dropped_total{reason=\"shutdown\"} 0",
+            "echo_otlp_export_errors_total{kind=\"timeout\"} 0",
+            "echo_otlp_export_duration_seconds_count 0",
+            "echo_otlp_queue_spans 0",
         ] {
             assert!(text.contains(name), "missing {name} in:\n{text}");
         }

@@ -1,37 +1,41 @@
 //! Logging and span export setup: `tracing-subscriber` for logs, OpenTelemetry over OTLP for
 //! connection spans.
 //!
-//! Logs go to stdout as text or JSON, filtered by `--log-level` (RUST_LOG syntax), through the
-//! non-blocking [`StdoutLog`]. Spans of target [`CONNECTION_TARGET`] are exported over OTLP
-//! when, and only when, an endpoint is configured with the standard variables
-//! (`OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`); otherwise no exporter exists and nothing is
-//! attempted. `OTEL_SDK_DISABLED=true` and `OTEL_TRACES_EXPORTER=none` turn export off (the
-//! Rust SDK does not read those itself). Protocol, service name, resource attributes, sampler
-//! and batch sizes come from the SDK's own handling of `OTEL_EXPORTER_OTLP_PROTOCOL`,
-//! `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER[_ARG]` and
-//! `OTEL_BSP_*`.
+//! Logs go to stdout as text or JSON, filtered by `--log-level`, through the non-blocking
+//! [`StdoutLog`]. Connection spans (built at close by [`ConnectionSpans`]) are exported over
+//! OTLP when, and only when, the standard variables configure an endpoint; [`OtelSettings`]
+//! (module `otel_env`) reads and checks every `OTEL_*` variable the service honours, and this
+//! module builds the pipeline from it: exporter (module `exporter`), the counting batch
+//! processor (module `batch`), sampler and resource. Invalid `OTEL_*` values that were ignored
+//! are logged here, once each, as soon as the logger is up.
 //!
-//! A collector that is down, refuses or never answers cannot slow connections: spans go to the
-//! batch processor's bounded queue (2048 by default, `OTEL_BSP_MAX_QUEUE_SIZE`) and are
-//! dropped when it is full (the SDK logs when dropping starts); every export is bounded by
-//! `--export-timeout`, and so is the final flush at shutdown.
+//! A collector that is down, refuses or never answers cannot slow connections: spans go to a
+//! bounded queue (`OTEL_BSP_MAX_QUEUE_SIZE`) and are dropped and counted when it is full; every
+//! export is bounded by the export timeout, and so is the final flush at shutdown. Log lines
+//! about failed exports, including the OpenTelemetry crates' own, are rate-limited (module
+//! `log_limit`); the metrics carry the counts.
 
 use std::fmt;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::KeyValue;
-use opentelemetry_otlp::{WithExportConfig, OTEL_EXPORTER_OTLP_PROTOCOL};
-use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider};
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanExporter as _};
 use opentelemetry_sdk::Resource;
-use tracing::Level;
-use tracing_subscriber::filter::{EnvFilter, Targets};
+use tracing_subscriber::filter::{EnvFilter, FilterExt};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
 
-use super::instrumented::CONNECTION_TARGET;
+use super::batch::MeteredBatchProcessor;
+use super::connection_span::{ConnectionIds, ConnectionSpans};
+use super::exporter::build_exporter;
+use super::log_limit::SdkLogLimit;
 use super::log_writer::StdoutLog;
+use super::metrics::OtlpMetrics;
+use super::otel_env::{ExportSettings, OtelSettings, DEFAULT_EXPORT_TIMEOUT};
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -45,8 +49,9 @@ pub enum LogFormat {
 /// OTLP export settings that are ours rather than standard `OTEL_*` variables.
 #[derive(Debug, Clone, Copy)]
 pub struct OtlpSettings {
-    /// Upper bound of one export and of the final flush at shutdown (`--export-timeout`).
-    pub export_timeout: Duration,
+    /// Upper bound of one export and of the final flush at shutdown (`--export-timeout`);
+    /// unset: `OTEL_EXPORTER_OTLP_[TRACES_]TIMEOUT`, else 3 s.
+    pub export_timeout: Option<Duration>,
 }
 
 /// A setup error that names the setting at fault.
@@ -61,13 +66,26 @@ impl fmt::Display for TracingSetupError {
 
 impl std::error::Error for TracingSetupError {}
 
+impl TracingSetupError {
+    /// An error with this one-line message (it names the setting at fault).
+    pub fn new(message: impl Into<String>) -> Self {
+        TracingSetupError(message.into())
+    }
+}
+
 /// Keeps the span exporter alive; [`TracingGuard::shutdown`] flushes it.
 pub struct TracingGuard {
     provider: Option<SdkTracerProvider>,
+    spans: Option<ConnectionSpans>,
     export_timeout: Duration,
 }
 
 impl TracingGuard {
+    /// The connection span builder, when exporting (for the instrumented factory).
+    pub fn connection_spans(&self) -> Option<ConnectionSpans> {
+        self.spans.clone()
+    }
+
     /// Is OTLP export on?
     pub fn exporting(&self) -> bool {
         self.provider.is_some()
@@ -94,11 +112,17 @@ impl TracingGuard {
 /// Install the global subscriber: logs filtered by `log_filter` and written to `log` (never
 /// blocking), plus the OTLP layer when the environment configures an endpoint. Must run inside
 /// the tokio runtime (the gRPC exporter spawns onto it).
+/// Install the global subscriber (logs filtered by `log_filter`) and, when `otel` configures
+/// export, the span pipeline counting into `metrics`; the guard hands out the
+/// [`ConnectionSpans`] for the instrumented factory. Must run inside the tokio runtime (the
+/// exporter and the batch processor run on it).
 pub fn init_tracing(
     log_filter: &str,
     format: LogFormat,
     log: StdoutLog,
     otlp: OtlpSettings,
+    otel: OtelSettings,
+    metrics: Arc<OtlpMetrics>,
 ) -> Result<TracingGuard, TracingSetupError> {
     let filter = EnvFilter::builder().parse(log_filter).map_err(|err| {
         TracingSetupError(format!(
@@ -117,109 +141,64 @@ pub fn init_tracing(
             .with_span_list(false)
             .boxed(),
     }
-    .with_filter(filter);
+    .with_filter(filter.and(SdkLogLimit::default()));
 
-    let provider = build_provider(otlp)?;
-    let otel_layer = provider.as_ref().map(|provider| {
-        tracing_opentelemetry::layer()
-            .with_tracer(provider.tracer("echo-service"))
-            .with_location(false)
-            .with_threads(false)
-            .with_tracked_inactivity(false)
-            .with_level(false)
-            .with_target(false)
-            // Entering a span would start the SDK span (attributes, events, context): keep
-            // the live span a lean builder until it closes.
-            .with_context_activation(false)
-            .with_filter(Targets::new().with_target(CONNECTION_TARGET, Level::DEBUG))
-    });
+    let export_timeout = otlp
+        .export_timeout
+        .or(otel.export.as_ref().and_then(|e| e.timeout))
+        .unwrap_or(DEFAULT_EXPORT_TIMEOUT);
+    let (provider, spans) = match &otel.export {
+        Some(export) => {
+            let ids = ConnectionIds::new();
+            let provider = build_provider(export, export_timeout, metrics, ids.clone())?;
+            let spans = ConnectionSpans::new(provider.tracer("echo-service"), ids);
+            (Some(provider), Some(spans))
+        }
+        None => (None, None),
+    };
     tracing_subscriber::registry()
         .with(fmt_layer)
-        .with(otel_layer)
         .try_init()
         .map_err(|err| TracingSetupError(format!("could not install the log subscriber: {err}")))?;
-    if provider.is_some() {
+    for warning in &otel.warnings {
+        tracing::warn!(
+            variable = warning.variable,
+            value = %warning.value,
+            used = %warning.used,
+            reason = %warning.reason,
+            "{warning}"
+        );
+    }
+    if let Some(export) = &otel.export {
         tracing::info!(
-            protocol = %otlp_protocol().unwrap_or_default(),
+            protocol = export.protocol.as_str(),
+            endpoint = %export.endpoint,
+            gzip = export.gzip,
+            sampler = %export.sampler_name,
+            timeout = ?export_timeout,
+            max_queue_size = export.batch.max_queue_size,
             "exporting connection spans over OTLP"
         );
     }
     Ok(TracingGuard {
         provider,
-        export_timeout: otlp.export_timeout,
+        spans,
+        export_timeout,
     })
 }
 
-fn env_nonempty(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
-}
-
-/// The OTLP protocol from the environment (`grpc` or `http/protobuf`, the default).
-fn otlp_protocol() -> Result<String, TracingSetupError> {
-    let (name, value) = [
-        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
-        OTEL_EXPORTER_OTLP_PROTOCOL,
-    ]
-    .into_iter()
-    .find_map(|name| env_nonempty(name).map(|v| (name, v)))
-    .unwrap_or(("", "http/protobuf".to_owned()));
-    match value.trim() {
-        "grpc" | "http/protobuf" => Ok(value.trim().to_owned()),
-        other => Err(TracingSetupError(format!(
-            "invalid value '{other}' for '{name}': supported are 'grpc' and 'http/protobuf'"
-        ))),
-    }
-}
-
-/// Is OTLP export wanted? Only with an endpoint, and not when disabled.
-fn export_wanted() -> Result<bool, TracingSetupError> {
-    if env_nonempty("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) {
-        return Ok(false);
-    }
-    match env_nonempty("OTEL_TRACES_EXPORTER")
-        .as_deref()
-        .map(str::trim)
-    {
-        None | Some("otlp") => {}
-        Some("none") => return Ok(false),
-        Some(other) => {
-            return Err(TracingSetupError(format!(
-            "invalid value '{other}' for 'OTEL_TRACES_EXPORTER': supported are 'otlp' and 'none'"
-        )))
-        }
-    }
-    Ok(env_nonempty("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some()
-        || env_nonempty("OTEL_EXPORTER_OTLP_ENDPOINT").is_some())
-}
-
-fn build_provider(otlp: OtlpSettings) -> Result<Option<SdkTracerProvider>, TracingSetupError> {
-    if !export_wanted()? {
-        return Ok(None);
-    }
-    let exporter = match otlp_protocol()?.as_str() {
-        "grpc" => opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .with_timeout(otlp.export_timeout)
-            .build(),
-        _ => opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .with_timeout(otlp.export_timeout)
-            .build(),
-    }
-    .map_err(|err| {
-        TracingSetupError(format!(
-            "invalid OTLP exporter settings (OTEL_EXPORTER_OTLP_*): {err}"
-        ))
-    })?;
-    // Queue size and batching from OTEL_BSP_*; each export is bounded by the exporter timeout.
-    let batch = BatchConfigBuilder::default().build();
-    let processor = BatchSpanProcessor::builder(exporter)
-        .with_batch_config(batch)
-        .build();
+fn build_provider(
+    export: &ExportSettings,
+    export_timeout: Duration,
+    metrics: Arc<OtlpMetrics>,
+    ids: ConnectionIds,
+) -> Result<SdkTracerProvider, TracingSetupError> {
+    let mut exporter = build_exporter(export, export_timeout)?;
 
     // service.name: OTEL_SERVICE_NAME, else OTEL_RESOURCE_ATTRIBUTES, else "echo-service".
-    let named = env_nonempty("OTEL_SERVICE_NAME").is_some()
-        || env_nonempty("OTEL_RESOURCE_ATTRIBUTES").is_some_and(|attrs| {
+    let env = |name| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    let named = env("OTEL_SERVICE_NAME").is_some()
+        || env("OTEL_RESOURCE_ATTRIBUTES").is_some_and(|attrs| {
             attrs
                 .split(',')
                 .any(|kv| kv.trim().starts_with("service.name="))
@@ -230,10 +209,12 @@ fn build_provider(otlp: OtlpSettings) -> Result<Option<SdkTracerProvider>, Traci
         resource = resource.with_service_name("echo-service");
     }
     let resource = resource.build();
-    Ok(Some(
-        SdkTracerProvider::builder()
-            .with_span_processor(processor)
-            .with_resource(resource)
-            .build(),
-    ))
+    exporter.set_resource(&resource);
+    let processor = MeteredBatchProcessor::start(exporter, export.batch, metrics);
+    Ok(SdkTracerProvider::builder()
+        .with_span_processor(processor)
+        .with_sampler(export.sampler.clone())
+        .with_id_generator(ids)
+        .with_resource(resource)
+        .build())
 }

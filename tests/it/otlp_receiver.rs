@@ -6,6 +6,10 @@
 //! all was made), and has a "black hole" mode that accepts TCP connections and never reads or
 //! answers (a collector that hangs).
 //!
+//! Every export request's headers (gRPC metadata) are recorded, gzip request bodies are
+//! accepted on both protocols, and [`Mode::GrpcFailing`] / [`Mode::HttpFailing`] answer every
+//! export with an error (gRPC `INTERNAL`, HTTP 400) after reading it.
+//!
 //! The receiver runs on its own small tokio runtime, so the blocking test helpers (`Service`,
 //! `std::net` clients) can be used from plain `#[test]` functions. Dropping it stops it.
 
@@ -42,6 +46,10 @@ pub enum Mode {
     Http,
     /// Accept TCP connections, then never read, write or close them.
     BlackHole,
+    /// OTLP/gRPC that fails every export with `INTERNAL` (not retried by the exporter).
+    GrpcFailing,
+    /// OTLP/HTTP that answers every export with 400 (not retried by the exporter).
+    HttpFailing,
 }
 
 /// One received span with the resource and scope it was exported under.
@@ -70,6 +78,12 @@ pub struct HttpRequestSeen {
 
 #[derive(Default)]
 struct Shared {
+    /// Answer every export with an error.
+    failing: bool,
+    /// Headers (lower-case names) of every export request, in arrival order.
+    headers: Mutex<Vec<Vec<(String, String)>>>,
+    /// Export requests answered with an error.
+    failed_requests: AtomicUsize,
     spans: Mutex<Vec<ReceivedSpan>>,
     http_requests: Mutex<Vec<HttpRequestSeen>>,
     export_requests: AtomicUsize,
@@ -77,6 +91,19 @@ struct Shared {
 }
 
 impl Shared {
+    fn record_headers(&self, headers: &hyper::HeaderMap) {
+        let headers = headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        self.headers.lock().unwrap().push(headers);
+    }
+
     fn record(&self, request: ExportTraceServiceRequest) {
         let mut spans = self.spans.lock().unwrap();
         for resource_spans in request.resource_spans {
@@ -140,10 +167,13 @@ impl OtlpReceiver {
             let _guard = runtime.enter();
             TcpListener::from_std(std_listener).unwrap()
         };
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            failing: matches!(mode, Mode::GrpcFailing | Mode::HttpFailing),
+            ..Shared::default()
+        });
         match mode {
-            Mode::Grpc => runtime.spawn(serve_grpc(listener, shared.clone())),
-            Mode::Http => runtime.spawn(serve_http(listener, shared.clone())),
+            Mode::Grpc | Mode::GrpcFailing => runtime.spawn(serve_grpc(listener, shared.clone())),
+            Mode::Http | Mode::HttpFailing => runtime.spawn(serve_http(listener, shared.clone())),
             Mode::BlackHole => runtime.spawn(serve_black_hole(listener, shared.clone())),
         };
         OtlpReceiver {
@@ -161,6 +191,16 @@ impl OtlpReceiver {
     /// Every span received so far, in arrival order.
     pub fn spans(&self) -> Vec<ReceivedSpan> {
         self.shared.spans.lock().unwrap().clone()
+    }
+
+    /// The headers (lower-case names; gRPC metadata included) of every export request so far.
+    pub fn request_headers(&self) -> Vec<Vec<(String, String)>> {
+        self.shared.headers.lock().unwrap().clone()
+    }
+
+    /// Export requests answered with an error so far (failing modes).
+    pub fn failed_requests(&self) -> usize {
+        self.shared.failed_requests.load(Ordering::SeqCst)
     }
 
     /// Export requests decoded and answered so far.
@@ -228,6 +268,12 @@ impl TraceService for Collector {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.shared
+            .record_headers(&request.metadata().clone().into_headers());
+        if self.shared.failing {
+            self.shared.failed_requests.fetch_add(1, Ordering::SeqCst);
+            return Err(tonic::Status::internal("this receiver fails every export"));
+        }
         self.shared.record(request.into_inner());
         Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
     }
@@ -240,7 +286,10 @@ async fn serve_grpc(listener: TcpListener, shared: Arc<Shared>) {
         tx.send(Ok(stream)).is_ok()
     }));
     let result = tonic::transport::Server::builder()
-        .add_service(TraceServiceServer::new(Collector { shared }))
+        .add_service(
+            TraceServiceServer::new(Collector { shared })
+                .accept_compressed(tonic::codec::CompressionEncoding::Gzip),
+        )
         .serve_with_incoming(UnboundedReceiverStream::new(rx))
         .await;
     if let Err(err) = result {
@@ -274,6 +323,11 @@ async fn handle_http(request: Request<Incoming>, shared: &Shared) -> Response<Fu
         .get(hyper::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    shared.record_headers(request.headers());
+    let gzip = request
+        .headers()
+        .get(hyper::header::CONTENT_ENCODING)
+        .is_some_and(|v| v.as_bytes() == b"gzip");
     let (status, body) = if path != "/v1/traces" {
         (StatusCode::NOT_FOUND, Bytes::new())
     } else if method != Method::POST {
@@ -283,9 +337,13 @@ async fn handle_http(request: Request<Incoming>, shared: &Shared) -> Response<Fu
     } else {
         match request.into_body().collect().await {
             Err(_) => (StatusCode::BAD_REQUEST, Bytes::new()),
-            Ok(collected) => match ExportTraceServiceRequest::decode(collected.to_bytes()) {
-                Err(_) => (StatusCode::BAD_REQUEST, Bytes::new()),
-                Ok(export) => {
+            Ok(collected) => match decode_body(collected.to_bytes(), gzip) {
+                None => (StatusCode::BAD_REQUEST, Bytes::new()),
+                Some(_) if shared.failing => {
+                    shared.failed_requests.fetch_add(1, Ordering::SeqCst);
+                    (StatusCode::BAD_REQUEST, Bytes::new())
+                }
+                Some(export) => {
                     shared.record(export);
                     (
                         StatusCode::OK,
@@ -306,6 +364,18 @@ async fn handle_http(request: Request<Incoming>, shared: &Shared) -> Response<Fu
         .header(hyper::header::CONTENT_TYPE, "application/x-protobuf")
         .body(Full::new(body))
         .unwrap()
+}
+
+/// Decode an export request body, gunzipping it first when it says it is gzip.
+fn decode_body(body: Bytes, gzip: bool) -> Option<ExportTraceServiceRequest> {
+    if gzip {
+        let mut plain = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&body[..]), &mut plain)
+            .ok()?;
+        ExportTraceServiceRequest::decode(&plain[..]).ok()
+    } else {
+        ExportTraceServiceRequest::decode(body).ok()
+    }
 }
 
 async fn serve_black_hole(listener: TcpListener, shared: Arc<Shared>) {

@@ -28,8 +28,8 @@ const EXIT_SLACK: Duration = Duration::from_secs(2);
 /// The `OTEL_EXPORTER_OTLP_PROTOCOL` value for a receiver mode.
 fn protocol(mode: Mode) -> &'static str {
     match mode {
-        Mode::Grpc => "grpc",
-        Mode::Http | Mode::BlackHole => "http/protobuf",
+        Mode::Grpc | Mode::GrpcFailing => "grpc",
+        Mode::Http | Mode::HttpFailing | Mode::BlackHole => "http/protobuf",
     }
 }
 
@@ -644,4 +644,46 @@ fn collector_black_hole_grpc_does_not_slow_echo_or_block_shutdown() {
 #[test]
 fn collector_black_hole_http_does_not_slow_echo_or_block_shutdown() {
     collector_down(Down::BlackHole, "http/protobuf");
+}
+
+/// With export on and debug logging, both connection log lines carry the trace id the
+/// exported span has, so a log line leads to its span (and back).
+#[test]
+fn debug_log_lines_carry_the_exported_span_trace_id() {
+    let receiver = OtlpReceiver::grpc();
+    let mut service = Service::start_with_env(
+        &["--log-level", "info,echo_service=debug"],
+        &[
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.endpoint()),
+        ],
+    );
+    let echoed = echo_connections(&service, &[10, 20]);
+    wait_lost(&service, "peer_closed", 2);
+    stop(&mut service);
+    let spans = receiver.spans();
+    let lines: Vec<serde_json::Value> = log_lines(&service)
+        .iter()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    for e in &echoed {
+        let span = span_for_port(&spans, e.client_port);
+        let trace_id: String = span
+            .span
+            .trace_id
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let id = int_attr(&span.span.attributes, "connection.id");
+        for message in ["connection made", "connection lost"] {
+            let line = lines
+                .iter()
+                .find(|l| l["fields"]["message"] == message && l["fields"]["connection_id"] == id)
+                .unwrap_or_else(|| panic!("no '{message}' line for connection {id}"));
+            assert_eq!(
+                line["fields"]["trace_id"], trace_id,
+                "{message} line of connection {id}: {line}"
+            );
+        }
+    }
 }
