@@ -14,7 +14,8 @@
 //! - [`state`]: [`ServiceState`], the shared counters and lifecycle phase that `/metrics`,
 //!   `/healthz` and `/readyz` read.
 //! - [`connection`]: the per-connection driver (reads, writes, backpressure, half-close,
-//!   policy timers) and [`ConnectionSettings`].
+//!   policy timers) and [`ConnectionSettings`]; generic over its stream
+//!   ([`connection::ConnectionIo`]: TCP, and `tokio::io::duplex` for tests).
 //! - [`server`]: accept loop, connection tasks, graceful drain; `bind`. (`accept.rs`: the
 //!   accept back-off schedule and rate-limited error log shared with the admin port;
 //!   `abort.rs`: the end-of-shutdown wake-up of every connection.)

@@ -32,9 +32,10 @@ pub trait Protocol: Send + Unpin + 'static {
         let _ = n;
     }
 
-    /// The connection is gone, for `reason`. Called once, after the last `data_received`, when
-    /// the connection ends normally; not if the protocol panicked or the runtime was dropped
-    /// (the server still counts those losses). The transport can no longer be used.
+    /// The connection is gone, for `reason`. Called once, after the last `data_received`: when
+    /// the connection ends, and with [`LossReason::Shutdown`] if the runtime drops the
+    /// connection unfinished; not if the protocol panicked (the server still counts that loss
+    /// as `panic`). The transport can no longer be used.
     fn connection_lost(&mut self, reason: LossReason) {
         let _ = reason;
     }

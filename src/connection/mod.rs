@@ -2,7 +2,7 @@
 //!
 //! This is the reactor side of a Twisted connection, written for memory and CPU per connection:
 //!
-//! - **A small task.** [`ConnectionTask`] is a hand-written future holding only the stream, the
+//! - **A small task.** `ConnectionTask` is a hand-written future holding only the stream, the
 //!   protocol, the outgoing buffer and a pointer to what all connections share; no channel or
 //!   timer futures per connection (its size is checked by a test).
 //! - **Any stream.** The driver is generic over [`ConnectionIo`] (`AsyncRead + AsyncWrite` plus

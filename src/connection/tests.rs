@@ -33,8 +33,8 @@ struct Seen {
     reads: AtomicUsize,
 }
 
-/// Echo, recording the loss reason and the number of reads; with `close_after`, it writes that
-/// many bytes of each read, calls `lose_connection`, then writes again (which must be dropped).
+/// Echo, recording the loss reason and the number of reads; with `close_after_first_read`, it
+/// echoes the first read, calls `lose_connection`, then writes again (which must be dropped).
 struct Recorder {
     seen: Arc<Seen>,
     close_after_first_read: bool,

@@ -192,13 +192,22 @@ def connect(port: int, timeout: float = 3.0) -> socket.socket:
 
 
 def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text exposition -> {'name{labels}': value} (labels as written)."""
+    """Prometheus text exposition -> {'name{labels}': value} (labels as written), plus
+    {'name': sum} for metrics exposed only with labels (the connection metrics carry a
+    `listener` label; the service totals are their sums)."""
     samples: dict[str, float] = {}
+    totals: dict[str, float] = {}
     for line in text.splitlines():
         if not line or line.startswith("#"):
             continue
         key, _, value = line.rpartition(" ")
-        samples[key.strip()] = float(value)
+        key = key.strip()
+        samples[key] = float(value)
+        if "{" in key:
+            name = key.split("{", 1)[0]
+            totals[name] = totals.get(name, 0.0) + float(value)
+    for name, total in totals.items():
+        samples.setdefault(name, total)
     return samples
 
 

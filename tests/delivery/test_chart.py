@@ -257,6 +257,7 @@ def test_values_reach_the_container_env(everything_docs):
     assert env["ECHO_MAX_CONNECTIONS"] == "10000"
     assert env["ECHO_THROTTLE_BYTES_PER_SECOND"] == "1048576"
     assert env["ECHO_IDLE_TIMEOUT"] == "5m"
+    assert env["ECHO_MAX_CONNECTION_AGE_GRACE"] == "30s"
     assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector.observability:4317"
     assert env["OTEL_TRACES_SAMPLER_ARG"] == "0.25"
     attrs = env["OTEL_RESOURCE_ATTRIBUTES"].split(",")
@@ -271,7 +272,8 @@ def test_values_reach_the_container_env(everything_docs):
 def test_defaults_set_no_limits_and_no_otel(default_docs):
     env = env_of(container(one(default_docs, "Deployment")))
     assert not [k for k in env if k.startswith("OTEL_")]
-    for name in ("ECHO_MAX_CONNECTIONS", "ECHO_IDLE_TIMEOUT", "ECHO_THROTTLE_BYTES_PER_SECOND"):
+    for name in ("ECHO_MAX_CONNECTIONS", "ECHO_IDLE_TIMEOUT", "ECHO_THROTTLE_BYTES_PER_SECOND",
+                 "ECHO_MAX_CONNECTION_AGE_GRACE"):
         assert name not in env
 
 

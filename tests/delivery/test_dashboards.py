@@ -245,6 +245,19 @@ def load(echo_port: int, stop: threading.Event, turn: threading.Lock, errors: li
         time.sleep(0.05)
 
 
+def wait_no_active_connection(admin_port: int, timeout: float = 10.0) -> None:
+    """Wait until the service reports echo_connections_active == 0."""
+    deadline = time.monotonic() + timeout
+    while True:
+        metrics = parse_metrics(http_get(admin_port, "/metrics")[1].decode())
+        active = metrics.get("echo_connections_active")
+        if active == 0:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"echo_connections_active still {active} after {timeout}s")
+        time.sleep(0.02)
+
+
 def over_the_limit(echo_port: int, limit: int) -> int:
     """Open limit+2 connections at once; returns how many the service refused."""
     conns = [connect(echo_port) for _ in range(limit + 2)]
@@ -283,10 +296,13 @@ def scraped_prometheus(tmp_path_factory):
                 # so increase()/rate() over it are non-zero.
                 wait_until_samples(prom_port, 2)
                 with turn:
+                    # The last load connection is closed on our side, but the service may not
+                    # have counted it gone yet: it would take one of the two slots.
+                    wait_no_active_connection(admin_port)
                     refused = over_the_limit(echo_port, 2)
                 assert refused == 2, f"4 connections at once with --max-connections=2: {refused} refused"
                 metrics = parse_metrics(http_get(admin_port, "/metrics")[1].decode())
-                assert metrics.get('echo_connections_rejected_total{reason="limit"}', 0) >= 2, metrics
+                assert metrics.get('echo_connections_rejected_total{listener="tcp",reason="limit"}', 0) >= 2, metrics
                 wait_until_samples(prom_port, 5)
                 yield prom_port, admin_port
             finally:

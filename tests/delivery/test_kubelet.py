@@ -318,7 +318,8 @@ def test_binary_accepts_every_setting_the_chart_renders(pod_factory):
     """The everything-on render (limits, durations, OTEL_*, extra args) starts and serves."""
     pod = pod_factory(load_values(EVERYTHING_VALUES))
     rendered = {e["name"] for e in pod.container["env"]}
-    assert {"ECHO_IDLE_TIMEOUT", "ECHO_MAX_CONNECTION_AGE_JITTER", "OTEL_TRACES_SAMPLER"} <= rendered
+    assert {"ECHO_IDLE_TIMEOUT", "ECHO_MAX_CONNECTION_AGE_JITTER", "ECHO_MAX_CONNECTION_AGE_GRACE",
+            "OTEL_TRACES_SAMPLER"} <= rendered
     closed = free_port()  # nothing listens: exports fail fast and stay on loopback
     pod.start({"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{closed}"})
     pod.run_startup_probe()
