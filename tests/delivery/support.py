@@ -12,6 +12,7 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -181,13 +182,24 @@ def connect(port: int, timeout: float = 3.0) -> socket.socket:
 
 
 def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text exposition -> {'name{labels}': value} (labels as written)."""
+    """Prometheus text exposition -> {'name{labels}': value} (labels as written).
+
+    Connection metrics carry a `listener` label (tcp, identity, ...); each such sample is also
+    summed under its key without that label, so `echo_connections_made_total` is the total.
+    """
     samples: dict[str, float] = {}
+    totals: dict[str, float] = {}
     for line in text.splitlines():
         if not line or line.startswith("#"):
             continue
         key, _, value = line.rpartition(" ")
-        samples[key.strip()] = float(value)
+        key = key.strip()
+        samples[key] = float(value)
+        without = re.sub(r'listener="[^"]*",?', "", key).replace(",}", "}").replace("{}", "")
+        if without != key:
+            totals[without] = totals.get(without, 0.0) + float(value)
+    for key, value in totals.items():
+        samples.setdefault(key, value)
     return samples
 
 
