@@ -17,6 +17,10 @@
 //!   (through `OpenTelemetrySpanExt`); while the connection lives the OTLP layer holds a bare
 //!   span builder, not a vector of attributes (it reserves room for every declared field, so
 //!   only `otel.kind` is declared). The protocol keeps the few addresses it needs to do that.
+//! - Behind a PROXY header layer the transport's `peer_addr()` at `connection_made` is the
+//!   original client: it becomes `client.address`/`client.port` (set then, only for proxied
+//!   connections; otherwise at close, equal to the peer), while `network.peer.*` stays the
+//!   socket's peer (the proxy), per the OpenTelemetry semantic conventions.
 //! - The "connection made" span event is added at close with the accept timestamp, for the same
 //!   reason; the debug log line for it is written at accept (target
 //!   [`LIFECYCLE_LOG_TARGET`], which the OTLP layer does not export) and carries the trace id
