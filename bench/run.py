@@ -53,10 +53,12 @@ NOISY_CORES = 0.15
 CLIENT_BOUND_CORES = 0.9
 
 # Servers, in table column order. "idle_only" ones run in the idle scenarios and in those
-# marked "with_noexport" (churn: the CPU that span export costs per connection) alone.
+# marked "with_noexport" (churn: the CPU that span export costs per connection) alone;
+# "proxy_only" ones only in scenarios that list them in "servers" (they expect a PROXY header).
 SERVERS = [
     {"name": "echo-service", "label": "echo-service (telemetry on)"},
     {"name": "echo-service-noexport", "label": "echo-service (export off)", "idle_only": True},
+    {"name": "echo-service-proxy", "label": "echo-service (PROXY optional)", "proxy_only": True},
     {"name": "tokio-readme", "label": "tokio README (1 KiB)"},
     {"name": "tokio-64k", "label": "tokio 64 KiB + NODELAY"},
     {"name": "twisted", "label": "Twisted"},
@@ -121,6 +123,15 @@ def scenarios(args, idle_cap):
             "metrics": [("p99 us", "latency_us.p99", "lower"),
                         ("p50 us", "latency_us.p50", "lower"),
                         ("msgs/s", "msgs_per_s", "higher")],
+        },
+        # Every connection starts with a PROXY v2 header (sent with the message, as an AWS NLB
+        # does), against --proxy-protocol optional; compared with "churn" on echo-service.
+        "churn-proxy-v2": {
+            "args": ["churn", "-c", "8", "-s", "64", "--proxy-v2"] + timed,
+            "servers": ["echo-service-proxy"],
+            "metrics": [("conns/s", "conns_per_s", "higher"),
+                        ("server CPU us/conn", "server.cpu_us_per_conn", "lower"),
+                        ("p99 us", "latency_us.p99", "lower")],
         },
         "idle-10k": {
             "args": ["idle", "-c", "10000"] + idle,
@@ -241,7 +252,9 @@ class Suite:
         if name.startswith("echo-service"):
             argv = [os.path.join(self.bin, "echo-service"), "--listen", addr,
                     "--admin-listen", f"127.0.0.1:{free_port()}", "--shutdown-timeout", "1s"]
-            if name == "echo-service":
+            if name == "echo-service-proxy":
+                argv += ["--proxy-protocol", "optional"]
+            if name in ("echo-service", "echo-service-proxy"):
                 env.update({
                     "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{self.sink_port}",
                     "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
@@ -404,6 +417,9 @@ def targets(results, scen):
     b = m("churn", "echo-service-noexport", "server.cpu_us_per_conn")
     check("churn: server CPU/conn of span export (on - off) <= 2 us",
           (a - b) if a is not None and b is not None else None, 2.0, lambda v, l: v <= l)
+    a, b = m("churn-proxy-v2", "echo-service-proxy", "conns_per_s"), m("churn", es, "conns_per_s")
+    check("churn, v2 PROXY header on every connection (optional): conns/s >= 0.95x PROXY off",
+          a and b and a / b, 0.95, lambda v, l: v >= l)
     n = scen["idle-50k"]["connections"]
     held = m("idle-50k", es, "held")
     check(f"idle {n // 1000}k: all {n} held", held, n, lambda v, l: v >= l)
@@ -575,6 +591,9 @@ def main():
                             continue
                         if srv.get("idle_only") and not (sc.get("idle") or sc.get("with_noexport")) \
                                 and not args.servers_explicit:
+                            continue
+                        if (sc.get("servers") and srv["name"] not in sc["servers"]) \
+                                or (srv.get("proxy_only") and srv["name"] not in sc.get("servers", [])):
                             continue
                         t0 = time.monotonic()
                         report = suite.measure(srv["name"], sc)

@@ -47,7 +47,7 @@ fn main() {
         source: "[2001:db8:85a3::8a2e:370:7334]:56324".parse().unwrap(),
         destination: "[2001:db8::7]:8000".parse().unwrap(),
     };
-    let cases: [(&str, Vec<u8>); 5] = [
+    let cases: [(&str, Vec<u8>); 6] = [
         ("v1 TCP4", encode::v1(Some(v4))),
         ("v1 TCP6", encode::v1(Some(v6))),
         (
@@ -57,6 +57,18 @@ fn main() {
         (
             "v2 IPv4 + AWS VPC endpoint TLV (AWS NLB)",
             encode::v2(Some(v4), &[(0xEA, b"\x01vpce-08d2bf15fac5001c9")], false),
+        ),
+        (
+            "v2 IPv6 + ALPN, authority, unique id",
+            encode::v2(
+                Some(v6),
+                &[
+                    (0x01, b"h2"),
+                    (0x02, b"echo.example.com"),
+                    (0x05, b"0123456789abcdef"),
+                ],
+                false,
+            ),
         ),
         (
             "v2 IPv6 + ALPN, authority, unique id, CRC32C",

@@ -337,7 +337,13 @@ impl<P: Protocol> Protocol for ProxyProtocol<P> {
     }
 
     fn connection_lost(&mut self, reason: LossReason) {
+        // A connection that closes before sending a byte (a TCP health check) attempted no
+        // header: not counted, unless it was closed by the header timeout.
         if let Phase::Header(pending) = &self.phase {
+            if pending.buffer.is_empty() && reason != LossReason::ProxyTimeout {
+                self.inner.connection_lost(reason);
+                return;
+            }
             let version = if pending.buffer.starts_with(&parser::V2_SIGNATURE[..1]) {
                 Some(parser::Version::V2)
             } else if pending.buffer.is_empty() {

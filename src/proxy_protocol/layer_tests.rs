@@ -233,6 +233,12 @@ fn a_header_lost_midway_counts_as_timeout_or_invalid_by_version() {
     p.data_received(b"PROXY TCP4 1.2", &mut t);
     p.connection_lost(LossReason::PeerClosed);
     assert_eq!(s.metrics.get(Some(Version::V1), ProxyResult::Invalid), 1);
+
+    // Connect and close without a byte (a TCP health check): no header attempted, not counted.
+    let (mut p, _t) = connect(&s);
+    p.connection_lost(LossReason::PeerClosed);
+    assert_eq!(s.metrics.get(None, ProxyResult::Invalid), 0);
+    assert_eq!(s.record.lock().unwrap().lost, Some(LossReason::PeerClosed));
 }
 
 #[test]

@@ -12,6 +12,7 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -192,9 +193,11 @@ def connect(port: int, timeout: float = 3.0) -> socket.socket:
 
 
 def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text exposition -> {'name{labels}': value} (labels as written), plus
-    {'name': sum} for metrics exposed only with labels (the connection metrics carry a
-    `listener` label; the service totals are their sums)."""
+    """Prometheus text exposition -> {'name{labels}': value} (labels as written).
+
+    Connection metrics carry a `listener` label (tcp, identity, ...); each such sample is also
+    summed under its key without that label, so `echo_connections_made_total` is the total.
+    """
     samples: dict[str, float] = {}
     totals: dict[str, float] = {}
     for line in text.splitlines():
@@ -203,11 +206,11 @@ def parse_metrics(text: str) -> dict[str, float]:
         key, _, value = line.rpartition(" ")
         key = key.strip()
         samples[key] = float(value)
-        if "{" in key:
-            name = key.split("{", 1)[0]
-            totals[name] = totals.get(name, 0.0) + float(value)
-    for name, total in totals.items():
-        samples.setdefault(name, total)
+        without = re.sub(r'listener="[^"]*",?', "", key).replace(",}", "}").replace("{}", "")
+        if without != key:
+            totals[without] = totals.get(without, 0.0) + float(value)
+    for key, value in totals.items():
+        samples.setdefault(key, value)
     return samples
 
 

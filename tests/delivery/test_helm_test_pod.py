@@ -92,7 +92,7 @@ def test_helm_test_passes_against_the_service(test_pod, busybox_path, service):
 class StaticMetrics(http.server.BaseHTTPRequestHandler):
     """An admin port whose counter never moves."""
 
-    body = b"# TYPE echo_connections_made_total counter\necho_connections_made_total 7\nprocess_start_time_seconds 1764000000\n"
+    body = b"# TYPE echo_connections_made_total counter\necho_connections_made_total{listener=\"tcp\"} 7\nprocess_start_time_seconds 1764000000\n"
 
     def do_GET(self):  # noqa: N802 - http.server API
         self.send_response(200)

@@ -369,8 +369,9 @@ fn max_age_closes_gracefully_echoing_everything_the_server_read() {
         "max age: closed after {took:?}; sent {sent}, echoed {}",
         back.len()
     );
+    // tokio's timer has millisecond ticks: allow it to fire a tick early.
     assert!(
-        took >= AGE && took < AGE + Duration::from_secs(1),
+        took + Duration::from_millis(2) >= AGE && took < AGE + Duration::from_secs(1),
         "closed after {took:?}, max age {AGE:?}"
     );
     assert!(!back.is_empty(), "nothing was echoed before the close");

@@ -415,6 +415,21 @@ fn proxy_interop_spread_report_over_three_replicas_behind_haproxy_round_robin() 
         SocketAddr::from(([127, 0, 0, 1], identity_port)),
     );
 
+    // The identity line through HAProxy shows the original client (127.0.0.2) and HAProxy
+    // (127.0.0.1) as the peer.
+    let mut through = connect_from(
+        Ipv4Addr::new(127, 0, 0, 2),
+        SocketAddr::from(([127, 0, 0, 1], identity_port)),
+    );
+    let mut line = String::new();
+    through
+        .read_to_string(&mut line)
+        .expect("identity line through HAProxy");
+    let id: serde_json::Value = serde_json::from_str(&line).expect("identity JSON");
+    assert_eq!(id["client"]["address"], "127.0.0.2", "{line}");
+    assert_eq!(id["peer"]["address"], "127.0.0.1", "{line}");
+    assert_eq!(id["proxy"]["version"], "v2", "{line}");
+
     for (port, extra) in [(identity_port, None), (echo_port, Some("--greeting"))] {
         let target = format!("127.0.0.1:{port}");
         let mut args = vec![

@@ -46,6 +46,7 @@ pub async fn run(
     for id in 0..args.connections {
         let (p, k, conn) = (pattern.clone(), counters.clone(), connector.clone());
         let size = args.size;
+        let proxy_v2 = args.proxy_v2;
         let io_timeout = c.io_timeout;
         tasks.push(tokio::spawn(async move {
             let mut hist = run::latency_histogram();
@@ -58,7 +59,12 @@ pub async fn run(
                 offset += size as u64 + 1;
                 let cycle = async {
                     let mut s = conn.connect().await?;
-                    run::echo(&mut s, msg, &mut buf).await
+                    if proxy_v2 {
+                        let header = proxy_v2_header(&s);
+                        run::echo_after(&mut s, &header, msg, &mut buf).await
+                    } else {
+                        run::echo(&mut s, msg, &mut buf).await
+                    }
                 };
                 match tokio::time::timeout(io_timeout, cycle).await {
                     Ok(Ok(())) if buf == msg => {
@@ -109,4 +115,33 @@ pub async fn run(
         "mismatches": Counters::get(&counters.mismatches),
         "server": run::server_json(server, cpu, connections as f64, "conn"),
     }))
+}
+
+/// A PROXY v2 header (PROXY command, TCP over IPv4 or IPv6) naming this connection's own
+/// endpoints, as a load balancer in front of the server would send.
+fn proxy_v2_header(stream: &tokio::net::TcpStream) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    let (src, dst) = match (stream.local_addr(), stream.peer_addr()) {
+        (Ok(s), Ok(d)) => (s, d),
+        _ => return Vec::new(),
+    };
+    match (src, dst) {
+        (std::net::SocketAddr::V4(s), std::net::SocketAddr::V4(d)) => {
+            h.extend_from_slice(&[0x21, 0x11, 0, 12]);
+            h.extend_from_slice(&s.ip().octets());
+            h.extend_from_slice(&d.ip().octets());
+        }
+        (s, d) => {
+            let v6 = |a: std::net::SocketAddr| match a {
+                std::net::SocketAddr::V4(a) => a.ip().to_ipv6_mapped(),
+                std::net::SocketAddr::V6(a) => *a.ip(),
+            };
+            h.extend_from_slice(&[0x21, 0x21, 0, 36]);
+            h.extend_from_slice(&v6(s).octets());
+            h.extend_from_slice(&v6(d).octets());
+        }
+    }
+    h.extend_from_slice(&src.port().to_be_bytes());
+    h.extend_from_slice(&dst.port().to_be_bytes());
+    h
 }

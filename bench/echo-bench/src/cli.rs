@@ -157,6 +157,10 @@ pub struct ChurnArgs {
     /// Size of the one message echoed per connection.
     #[arg(long, short = 's', default_value = "64", value_parser = parse_size)]
     pub size: usize,
+    /// Start every connection with a PROXY protocol v2 header (as a load balancer would), sent
+    /// in the same write as the message; for servers with `--proxy-protocol`.
+    #[arg(long)]
+    pub proxy_v2: bool,
     #[command(flatten)]
     pub common: Common,
 }

@@ -83,6 +83,22 @@ pub async fn echo(stream: &mut TcpStream, msg: &[u8], buf: &mut [u8]) -> std::io
     Ok(())
 }
 
+/// Like [`echo`], with `prefix` (a PROXY header) sent in the same write as the message and not
+/// expected back. Small messages only (churn).
+pub async fn echo_after(
+    stream: &mut TcpStream,
+    prefix: &[u8],
+    msg: &[u8],
+    buf: &mut [u8],
+) -> std::io::Result<()> {
+    let mut first = Vec::with_capacity(prefix.len() + msg.len());
+    first.extend_from_slice(prefix);
+    first.extend_from_slice(msg);
+    stream.write_all(&first).await?;
+    stream.read_exact(buf).await?;
+    Ok(())
+}
+
 /// Prints one line a second on stderr until `end`: elapsed time, operations and their rate.
 pub fn spawn_progress(
     mode: &'static str,
