@@ -59,6 +59,11 @@ SERVERS = [
     {"name": "echo-service", "label": "echo-service (telemetry on)"},
     {"name": "echo-service-noexport", "label": "echo-service (export off)", "idle_only": True},
     {"name": "echo-service-proxy", "label": "echo-service (PROXY optional)", "proxy_only": True},
+    # TLS and UDP servers run only in the scenarios that list them (the TLS and UDP ones).
+    {"name": "echo-service-tls", "label": "echo-service TLS (telemetry on)", "proxy_only": True},
+    {"name": "tokio-rustls", "label": "tokio-rustls 64 KiB", "proxy_only": True},
+    {"name": "echo-service-udp", "label": "echo-service UDP", "proxy_only": True},
+    {"name": "tokio-udp", "label": "tokio UDP", "proxy_only": True},
     {"name": "tokio-readme", "label": "tokio README (1 KiB)"},
     {"name": "tokio-64k", "label": "tokio 64 KiB + NODELAY"},
     {"name": "twisted", "label": "Twisted"},
@@ -133,6 +138,29 @@ def scenarios(args, idle_cap):
                         ("server CPU us/conn", "server.cpu_us_per_conn", "lower"),
                         ("p99 us", "latency_us.p99", "lower")],
         },
+        # Issue 11: TLS bulk and handshakes against the bare tokio-rustls echo (same rustls +
+        # ring stack, same certificate and key, so the same cipher suite), UDP datagrams
+        # against the bare tokio UDP echo.
+        "tls-bulk": {
+            "args": ["bulk", "-c", "1", "-s", "64KiB", "--tls-ca", args.tls_ca] + timed,
+            "servers": ["echo-service-tls", "tokio-rustls"],
+            "metrics": [("MB/s", "mb_per_s", "higher"),
+                        ("server CPU us/MiB", "server.cpu_us_per_mib", "lower")],
+        },
+        "tls-handshake": {
+            "args": ["churn", "-c", "8", "-s", "64", "--tls-ca", args.tls_ca] + timed,
+            "servers": ["echo-service-tls", "tokio-rustls"],
+            "metrics": [("handshakes/s", "conns_per_s", "higher"),
+                        ("server CPU us/conn", "server.cpu_us_per_conn", "lower")],
+        },
+        "udp-64": {
+            "args": ["udp", "-c", "8", "-s", "64"] + timed,
+            "servers": ["echo-service-udp", "tokio-udp"],
+            "udp": True,
+            "metrics": [("datagrams/s", "msgs_per_s", "higher"),
+                        ("server CPU us/datagram", "server.cpu_us_per_msg", "lower"),
+                        ("lost", "lost", "lower")],
+        },
         "idle-10k": {
             "args": ["idle", "-c", "10000"] + idle,
             "idle": True,
@@ -205,6 +233,42 @@ def wait_listening(port, proc, timeout=START_TIMEOUT_S):
     raise RuntimeError(f"server not listening on {port} after {timeout}s")
 
 
+def wait_udp_echo(port, proc, timeout=START_TIMEOUT_S):
+    """Until a datagram to 127.0.0.1:port comes back (a UDP server has no connect to wait on)."""
+    deadline = time.monotonic() + timeout
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(0.2)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode} before listening")
+            try:
+                s.sendto(b"ping", ("127.0.0.1", port))
+                if s.recvfrom(16)[0] == b"ping":
+                    return
+            except OSError:
+                time.sleep(0.05)
+    raise RuntimeError(f"UDP server not answering on {port} after {timeout}s")
+
+
+def make_certificates(out_dir):
+    """A CA and a server certificate (ECDSA P-256, localhost) for the TLS scenarios."""
+    def openssl(*argv):
+        subprocess.run(["openssl", *argv], check=True, capture_output=True)
+    paths = {k: os.path.join(out_dir, f"bench-{k}.pem") for k in ("ca", "ca-key", "cert", "key")}
+    csr, ext = os.path.join(out_dir, "bench.csr"), os.path.join(out_dir, "bench.ext")
+    ec = ["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]
+    openssl("genpkey", *ec, "-out", paths["ca-key"])
+    openssl("req", "-x509", "-new", "-key", paths["ca-key"], "-out", paths["ca"], "-days", "2",
+            "-subj", "/CN=echo-bench CA")
+    openssl("genpkey", *ec, "-out", paths["key"])
+    openssl("req", "-new", "-key", paths["key"], "-out", csr, "-subj", "/CN=localhost")
+    with open(ext, "w") as f:
+        f.write("subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
+    openssl("x509", "-req", "-in", csr, "-CA", paths["ca"], "-CAkey", paths["ca-key"],
+            "-CAcreateserial", "-out", paths["cert"], "-days", "2", "-extfile", ext)
+    return paths
+
+
 def stop(proc):
     """Stops a process we started, by its PID: SIGTERM, then SIGKILL after a bound."""
     if proc.poll() is not None:
@@ -254,7 +318,14 @@ class Suite:
                     "--admin-listen", f"127.0.0.1:{free_port()}", "--shutdown-timeout", "1s"]
             if name == "echo-service-proxy":
                 argv += ["--proxy-protocol", "optional"]
-            if name in ("echo-service", "echo-service-proxy"):
+            if name == "echo-service-tls":
+                argv[2] = f"127.0.0.1:{free_port()}"
+                argv += ["--tls-listen", addr, "--tls-cert", self.args.tls_cert,
+                         "--tls-key", self.args.tls_key]
+            if name == "echo-service-udp":
+                argv[2] = f"127.0.0.1:{free_port()}"
+                argv += ["--udp-listen", addr]
+            if name in ("echo-service", "echo-service-proxy", "echo-service-tls"):
                 env.update({
                     "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{self.sink_port}",
                     "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
@@ -264,6 +335,11 @@ class Suite:
             argv = [os.path.join(self.bin, "examples", "tokio_readme_echo"), addr]
         elif name == "tokio-64k":
             argv = [os.path.join(self.bin, "examples", "tokio_nodelay_echo"), addr]
+        elif name == "tokio-rustls":
+            argv = [os.path.join(self.bin, "examples", "tokio_rustls_echo"), addr,
+                    self.args.tls_cert, self.args.tls_key]
+        elif name == "tokio-udp":
+            argv = [os.path.join(self.bin, "examples", "tokio_udp_echo"), addr]
         elif name == "twisted":
             argv = [self.python, os.path.join(HERE, "twisted_echo.py"), addr]
         else:
@@ -278,7 +354,10 @@ class Suite:
         server = subprocess.Popen(argv, env=env, stdout=self.log, stderr=self.log,
                                   stdin=subprocess.DEVNULL)
         try:
-            wait_listening(port, server)
+            if scenario.get("udp"):
+                wait_udp_echo(port, server)
+            else:
+                wait_listening(port, server)
             time.sleep(0.2)  # let the interpreter / runtime finish starting before RSS "before"
             waited = time.monotonic()
             load_before = wait_for_quiet(min(self.args.quiet_wait, self.wait_budget))
@@ -417,6 +496,13 @@ def targets(results, scen):
     b = m("churn", "echo-service-noexport", "server.cpu_us_per_conn")
     check("churn: server CPU/conn of span export (on - off) <= 2 us",
           (a - b) if a is not None and b is not None else None, 2.0, lambda v, l: v <= l)
+    a, b = m("tls-bulk", "echo-service-tls", "mb_per_s"), m("tls-bulk", "tokio-rustls", "mb_per_s")
+    check("TLS bulk: MB/s >= 0.95x tokio-rustls", a and b and a / b, 0.95, lambda v, l: v >= l)
+    a = m("tls-handshake", "echo-service-tls", "conns_per_s")
+    b = m("tls-handshake", "tokio-rustls", "conns_per_s")
+    check("TLS handshakes/s >= 0.9x tokio-rustls", a and b and a / b, 0.9, lambda v, l: v >= l)
+    a, b = m("udp-64", "echo-service-udp", "msgs_per_s"), m("udp-64", "tokio-udp", "msgs_per_s")
+    check("UDP datagrams/s >= 0.95x tokio UDP", a and b and a / b, 0.95, lambda v, l: v >= l)
     a, b = m("churn-proxy-v2", "echo-service-proxy", "conns_per_s"), m("churn", es, "conns_per_s")
     check("churn, v2 PROXY header on every connection (optional): conns/s >= 0.95x PROXY off",
           a and b and a / b, 0.95, lambda v, l: v >= l)
@@ -537,7 +623,8 @@ def main():
     if os.cpu_count() < 2:
         p.error("needs 2 CPUs (server on CPU 0, client on CPU 1)")
     for binary in ["echo-service", "echo-bench", "examples/tokio_readme_echo",
-                   "examples/tokio_nodelay_echo"]:
+                   "examples/tokio_nodelay_echo", "examples/tokio_rustls_echo",
+                   "examples/tokio_udp_echo"]:
         if not os.access(os.path.join(args.bin_dir, binary), os.X_OK):
             p.error(f"{args.bin_dir}/{binary} missing: cargo build --release --bins --examples")
     if "twisted" in args.servers:
@@ -554,6 +641,9 @@ def main():
     except (ValueError, OSError):
         pass
     idle_cap = hard - FD_HEADROOM
+    os.makedirs(args.out, exist_ok=True)
+    certs = make_certificates(args.out)
+    args.tls_ca, args.tls_cert, args.tls_key = certs["ca"], certs["cert"], certs["key"]
     scen = scenarios(args, idle_cap)
     args.scenarios = list(scen) if args.scenarios == "all" else args.scenarios.split(",")
     unknown = set(args.scenarios) - set(scen)

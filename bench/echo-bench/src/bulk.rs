@@ -3,14 +3,15 @@
 //! (10^6 bytes) of verified echo over the measured window.
 //!
 //! Writer and reader are separate tasks, so the server's backpressure (not our ping-pong) sets
-//! the pace; both stop at the end of the window.
+//! the pace; both stop at the end of the window. With `--tls-ca` the connections speak TLS
+//! (handshakes done before the clock starts).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::cli::BulkArgs;
@@ -18,13 +19,13 @@ use crate::connect::Connector;
 use crate::pattern::Pattern;
 use crate::procstat::Server;
 use crate::run::{self, Clock, Counters};
+use crate::tls::TlsClient;
 
 pub async fn run(
     args: &BulkArgs,
     connector: Arc<Connector>,
     server: Option<Server>,
 ) -> Result<Value, String> {
-    let c = &args.common;
     let mut streams = Vec::with_capacity(args.connections);
     for i in 0..args.connections {
         let s = connector
@@ -33,6 +34,38 @@ pub async fn run(
             .map_err(|e| format!("connection {} of {}: {e}", i + 1, args.connections))?;
         streams.push(s);
     }
+    match &args.tls.tls_ca {
+        None => {
+            let halves = streams.into_iter().map(TcpStream::into_split).collect();
+            stream(args, halves, server).await
+        }
+        Some(ca) => {
+            let client = TlsClient::new(ca, &args.tls.tls_server_name)?;
+            let mut halves = Vec::with_capacity(streams.len());
+            for s in streams {
+                let tls = client
+                    .handshake(s)
+                    .await
+                    .map_err(|e| format!("TLS handshake: {e}"))?;
+                halves.push(tokio::io::split(tls));
+            }
+            stream(args, halves, server).await
+        }
+    }
+}
+
+/// Streams over every (read half, write half) pair: plain TCP halves or TLS ones, the same
+/// code monomorphised for each.
+async fn stream<R, W>(
+    args: &BulkArgs,
+    halves: Vec<(R, W)>,
+    server: Option<Server>,
+) -> Result<Value, String>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let c = &args.common;
     let pattern = Arc::new(Pattern::new(args.size));
     let counters = Arc::new(Counters::default());
     let clock = Clock::starting_now(c.warmup, c.duration);
@@ -41,8 +74,7 @@ pub async fn run(
 
     let mut readers = Vec::new();
     let mut writers = Vec::new();
-    for (id, stream) in streams.into_iter().enumerate() {
-        let (rd, wr) = stream.into_split();
+    for (id, (rd, wr)) in halves.into_iter().enumerate() {
         let start = Pattern::start_for(id);
         let (p, k) = (pattern.clone(), counters.clone());
         let size = args.size;
@@ -93,13 +125,13 @@ pub async fn run(
 
 /// Writes the pattern stream until the window ends (a write blocked at the end is abandoned).
 /// Returns the write half so the caller decides when the FIN goes out.
-async fn write_loop(
-    mut wr: OwnedWriteHalf,
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut wr: W,
     mut offset: u64,
     size: usize,
     pattern: &Pattern,
     clock: Clock,
-) -> (OwnedWriteHalf, std::io::Result<()>) {
+) -> (W, std::io::Result<()>) {
     while Instant::now() < clock.end {
         let chunk = pattern.window(offset, size);
         match tokio::time::timeout_at(clock.end, wr.write_all(chunk)).await {
@@ -114,8 +146,8 @@ async fn write_loop(
 
 /// Reads and verifies the echo; returns the bytes that arrived inside the measured window,
 /// and whether the connection failed (an early EOF is a failure).
-async fn read_loop(
-    mut rd: OwnedReadHalf,
+async fn read_loop<R: AsyncRead + Unpin>(
+    mut rd: R,
     mut offset: u64,
     size: usize,
     pattern: &Pattern,

@@ -19,6 +19,7 @@ use crate::connect::Connector;
 use crate::pattern::Pattern;
 use crate::procstat::Server;
 use crate::run::{self, Clock, Counters};
+use crate::tls::TlsClient;
 
 /// Pause after a failed connection, so a refusing server is not hammered in a busy loop.
 const ERROR_PAUSE: Duration = Duration::from_millis(10);
@@ -42,9 +43,14 @@ pub async fn run(
     run::spawn_progress("churn", "conns", clock, counters.clone(), c.quiet);
     let cpu = server.map(|s| tokio::spawn(run::server_cpu_over_window(s, clock)));
 
+    let tls = match &args.tls.tls_ca {
+        Some(ca) => Some(TlsClient::new(ca, &args.tls.tls_server_name)?),
+        None => None,
+    };
     let mut tasks = Vec::new();
     for id in 0..args.connections {
         let (p, k, conn) = (pattern.clone(), counters.clone(), connector.clone());
+        let tls = tls.clone();
         let size = args.size;
         let proxy_v2 = args.proxy_v2;
         let io_timeout = c.io_timeout;
@@ -59,6 +65,11 @@ pub async fn run(
                 offset += size as u64 + 1;
                 let cycle = async {
                     let mut s = conn.connect().await?;
+                    if let Some(tls) = &tls {
+                        // A new TLS session per connection: full handshakes, no resumption.
+                        let mut s = tls.handshake(s).await?;
+                        return run::echo_any(&mut s, msg, &mut buf).await;
+                    }
                     if proxy_v2 {
                         let header = proxy_v2_header(&s);
                         run::echo_after(&mut s, &header, msg, &mut buf).await

@@ -44,6 +44,8 @@ pub enum Mode {
     Churn(ChurnArgs),
     /// Open N connections and hold them: does the server keep them, and what do they cost?
     Idle(IdleArgs),
+    /// N UDP sockets, each with one datagram outstanding: datagrams/s, latency, losses.
+    Udp(UdpArgs),
     /// Through a load balancer: which replica answered each of N connections, and is the
     /// spread even (chi-square)? Reads echo-service's identity line.
     Spread(SpreadArgs),
@@ -56,6 +58,7 @@ impl Mode {
             Mode::Bulk(a) => &a.common,
             Mode::Churn(a) => &a.common,
             Mode::Idle(a) => &a.common,
+            Mode::Udp(a) => &a.common,
             Mode::Spread(a) => &a.common,
         }
     }
@@ -66,6 +69,7 @@ impl Mode {
             Mode::Bulk(_) => "bulk",
             Mode::Churn(_) => "churn",
             Mode::Idle(_) => "idle",
+            Mode::Udp(_) => "udp",
             Mode::Spread(_) => "spread",
         }
     }
@@ -146,6 +150,31 @@ pub struct BulkArgs {
     #[arg(long, short = 's', default_value = "64KiB", value_parser = parse_size)]
     pub size: usize,
     #[command(flatten)]
+    pub tls: TlsArgs,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+/// TLS for the bulk and churn modes.
+#[derive(Args, Debug, Clone)]
+pub struct TlsArgs {
+    /// Speak TLS, trusting the CA certificates (PEM) in this file.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// The name sent as SNI and checked against the server's certificate.
+    #[arg(long, default_value = "localhost")]
+    pub tls_server_name: String,
+}
+
+#[derive(Args, Debug)]
+pub struct UdpArgs {
+    /// Concurrent sockets, each with one datagram outstanding.
+    #[arg(long, short = 'c', default_value_t = 8)]
+    pub connections: usize,
+    /// Datagram size (at most 65507).
+    #[arg(long, short = 's', default_value = "64", value_parser = parse_size)]
+    pub size: usize,
+    #[command(flatten)]
     pub common: Common,
 }
 
@@ -157,6 +186,8 @@ pub struct ChurnArgs {
     /// Size of the one message echoed per connection.
     #[arg(long, short = 's', default_value = "64", value_parser = parse_size)]
     pub size: usize,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// Start every connection with a PROXY protocol v2 header (as a load balancer would), sent
     /// in the same write as the message; for servers with `--proxy-protocol`.
     #[arg(long)]

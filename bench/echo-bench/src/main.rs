@@ -28,6 +28,8 @@ mod ping_pong;
 mod procstat;
 mod run;
 mod spread;
+mod tls;
+mod udp;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -135,6 +137,7 @@ impl Plan {
             Mode::Churn(a) => (a.connections, "--connections"),
             Mode::Idle(a) => (a.connections, "--connections"),
             Mode::Spread(a) => (a.connections, "--connections"),
+            Mode::Udp(a) => (a.connections, "--connections"),
         };
         cli::check_connections(flag, connections)?;
         if !matches!(mode, Mode::Idle(_)) && c.duration.is_zero() {
@@ -220,6 +223,7 @@ async fn run_mode(mode: &Mode, plan: &Plan) -> Result<Value, String> {
         Mode::Churn(a) => churn::run(a, connector, plan.server).await,
         Mode::Idle(a) => idle::run(a, connector, plan.server).await,
         Mode::Spread(a) => spread::run(a, connector).await,
+        Mode::Udp(a) => udp::run(a, plan.target, plan.server).await,
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -80,6 +80,17 @@ pub async fn echo(stream: &mut TcpStream, msg: &[u8], buf: &mut [u8]) -> std::io
         let (mut rd, mut wr) = stream.split();
         tokio::try_join!(wr.write_all(msg), rd.read_exact(buf))?;
     }
+    Ok(())
+}
+
+/// [`echo`] over any stream (TLS): small messages only (churn).
+pub async fn echo_any<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    msg: &[u8],
+    buf: &mut [u8],
+) -> std::io::Result<()> {
+    stream.write_all(msg).await?;
+    stream.read_exact(buf).await?;
     Ok(())
 }
 
