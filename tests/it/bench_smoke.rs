@@ -182,3 +182,61 @@ fn a_server_that_corrupts_one_byte_is_caught() {
     assert_eq!(out.status.code(), Some(3), "{r}");
     assert_eq!(r["mismatches"], 1, "{r}");
 }
+
+#[test]
+fn udp_mode_verifies_every_datagram_against_the_udp_port() {
+    let service = Service::start(&["--udp-listen", "127.0.0.1:0"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let udp = loop {
+        let line = service
+            .logs
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|l| l.contains("UDP echo serving"))
+            .cloned();
+        if let Some(line) = line {
+            let json: Value = serde_json::from_str(&line).unwrap();
+            break json["fields"]["udp"].as_str().unwrap().to_owned();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no UDP listener logged"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let pid = service.pid().to_string();
+    let out = bench(&[
+        "udp",
+        "--target",
+        &udp,
+        "--server-pid",
+        &pid,
+        "--json",
+        "--quiet",
+        "-c",
+        "4",
+        "-s",
+        "512",
+        "-d",
+        "1s",
+        "-w",
+        "200ms",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(r["mode"], "udp", "{r}");
+    assert_eq!(r["errors"], 0, "{r}");
+    let messages = r["messages"].as_u64().unwrap();
+    assert!(messages > 100, "{r}");
+    assert!(
+        r["bytes_verified"].as_u64().unwrap() >= messages * 512,
+        "{r}"
+    );
+    assert!(r["server"]["cpu_us_per_msg"].as_f64().is_some(), "{r}");
+}
