@@ -148,3 +148,15 @@ def test_schema_refuses_tls_and_udp_settings_that_cannot_work(values):
 )
 def test_schema_accepts_the_working_combinations(values):
     manifests(render(values))
+
+
+def notes(values=None) -> str:
+    return next(text for path, text in render(values).items() if path.endswith("NOTES.txt"))
+
+
+def test_notes_show_how_to_try_tls_and_udp_only_when_enabled():
+    assert "openssl s_client" not in notes() and "UDP:" not in notes()
+    text = notes({**SECRET_TLS, "udp": {"enabled": True, "port": 7}})
+    assert "openssl s_client -quiet -connect 127.0.0.1:8443" in text
+    # kubectl port-forward has no UDP: the note says so and uses the in-cluster name.
+    assert "port-forward carries TCP only" in text and "UDP:echo-echo-service.apps:7" in text
