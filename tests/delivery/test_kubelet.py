@@ -6,7 +6,9 @@ and its named ports. Each containerPort is remapped to a free loopback port:
 ECHO_LISTEN/ECHO_ADMIN_LISTEN must name exactly the containerPorts, which is
 checked, then rewritten (likewise ECHO_TLS_LISTEN/ECHO_UDP_LISTEN for tls-echo and
 udp-echo). Secret and ConfigMap volumes are written to local directories from
-a stand-in for the cluster's objects, and env values under a mountPath point there. The probes run as kubelet runs them: HTTP GET on the
+a stand-in for the cluster's objects in kubelet's atomic-writer layout (`..data`
+symlink), and env values under a mountPath point there; updating an object swaps
+the symlink as kubelet does, so a Secret rotation reaches the running binary. The probes run as kubelet runs them: HTTP GET on the
 probe's path, the port resolved by name, the probe's timeoutSeconds, success
 when 200 <= status < 400; the startup probe every periodSeconds up to
 failureThreshold. Liveness/readiness are sampled a few times rather than
@@ -44,6 +46,7 @@ from support import (
     load_values,
     manifests,
     one,
+    parse_metrics,
     render,
     wait_until,
 )
@@ -82,12 +85,17 @@ class SimulatedPod:
     # -- volumes, as kubelet projects them ---------------------------------------------
 
     def _mount_volumes(self, volumes: list[dict]) -> dict[str, Path]:
-        """Secret/ConfigMap volumes written to local directories: {mountPath: directory}.
+        """Secret/ConfigMap volumes projected into local directories: {mountPath: directory}.
 
-        A missing object or key is what kubelet would leave the pod ContainerCreating for.
+        Laid out as kubelet's atomic writer does it: the files live in a timestamped
+        `..<ts>` directory, `..data` is a symlink to it, and each key is a symlink
+        `<path> -> ..data/<path>`; an update writes a new `..<ts>` and renames a new
+        `..data` symlink over the old one (update_object). A missing object or key is
+        what kubelet would leave the pod ContainerCreating for.
         """
         by_name = {v["name"]: v for v in volumes}
         mounts: dict[str, Path] = {}
+        self.projections: list[tuple[Path, str, str, list[dict]]] = []
         for m in self.container.get("volumeMounts", []):
             assert "subPath" not in m, f"{m}: a subPath mount never sees a Secret/ConfigMap update"
             assert m.get("readOnly"), f"{m}: not read-only"
@@ -99,11 +107,35 @@ class SimulatedPod:
             assert data is not None, f"volume {m['name']}: no {kind} {name} in the cluster"
             directory = self.tmp / f"volume-{m['name']}-{time.monotonic_ns()}"
             directory.mkdir()
-            for item in source.get("items") or [{"key": k, "path": k} for k in data]:
-                assert item["key"] in data, f"volume {m['name']}: {kind} {name} has no key {item['key']}"
-                (directory / item["path"]).write_bytes(data[item["key"]])
+            items = source.get("items") or [{"key": k, "path": k} for k in data]
+            self.projections.append((directory, kind, name, items))
+            self._project(directory, kind, name, items)
+            for item in items:
+                (directory / item["path"]).symlink_to(Path("..data") / item["path"])
             mounts[m["mountPath"]] = directory
         return mounts
+
+    def _project(self, directory: Path, kind: str, name: str, items: list[dict]) -> None:
+        data = self.objects[(kind, name)]
+        version = directory / f"..{time.strftime('%Y_%m_%d_%H_%M_%S')}.{time.monotonic_ns()}"
+        version.mkdir()
+        for item in items:
+            assert item["key"] in data, f"{kind} {name} has no key {item['key']}"
+            (version / item["path"]).write_bytes(data[item["key"]])
+        old = (directory / "..data").resolve() if (directory / "..data").is_symlink() else None
+        (directory / "..data_tmp").symlink_to(version.name)
+        (directory / "..data_tmp").rename(directory / "..data")
+        if old:
+            for f in old.iterdir():
+                f.unlink()
+            old.rmdir()
+
+    def update_object(self, kind: str, name: str, data: dict[str, bytes]) -> None:
+        """The Secret/ConfigMap changed in the cluster: kubelet re-projects every volume of it."""
+        self.objects[(kind, name)] = data
+        for directory, k, n, items in self.projections:
+            if (k, n) == (kind, name):
+                self._project(directory, kind, name, items)
 
     # -- env, as kubelet builds it ------------------------------------------------
 
@@ -355,12 +387,12 @@ def test_readiness_fails_at_the_connection_limit(pod_factory):
     wait_until(lambda: pod.probe("readinessProbe")[0], 2.0, what="readiness to recover below the limit")
 
 
-def self_signed(tmp: Path, name: str) -> tuple[bytes, bytes]:
+def self_signed(tmp: Path, name: str, days: int = 30) -> tuple[bytes, bytes]:
     """A throwaway ECDSA certificate and key (PEM) from the openssl CLI."""
     key, crt = tmp / f"{name}.key", tmp / f"{name}.crt"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-         "-keyout", str(key), "-out", str(crt), "-days", "30", "-subj", f"/CN={name}",
+         "-keyout", str(key), "-out", str(crt), "-days", str(days), "-subj", f"/CN={name}",
          "-addext", f"subjectAltName=DNS:{name}"],
         check=True, capture_output=True, timeout=60,
     )
@@ -401,3 +433,45 @@ def test_binary_accepts_every_setting_the_chart_renders(pod_factory, tmp_path):
     assert u.recvfrom(2048)[0] == b"udp settings"
     u.close()
     assert "k8s.pod.name=echo-echo-service-7d9c8b7f5-x2x9q" in pod.env["OTEL_RESOURCE_ATTRIBUTES"]
+
+
+def served_certificate(port: int) -> bytes:
+    """The DER leaf certificate a new TLS connection gets (not verified: we compare bytes)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with context.wrap_socket(connect(port), server_hostname="echo.apps.svc") as t:
+        return t.getpeercert(binary_form=True)
+
+
+def test_secret_rotation_reaches_the_running_pod(pod_factory, tmp_path):
+    """Kubelet swaps the Secret volume's ..data symlink; the chart mounts the directory (no
+    subPath), so the service sees the new files: new connections get the new certificate,
+    an open one keeps echoing, the expiry gauge moves, no restart."""
+    values = {"tls": {"enabled": True, "secretName": "echo-tls", "reloadInterval": "1s"}}
+    old_crt, old_key = self_signed(tmp_path, "echo.apps.svc", days=10)
+    new_crt, new_key = self_signed(tmp_path, "echo.apps.svc", days=90)  # same files, new bytes
+    pod = pod_factory(values, {("secret", "echo-tls"): {"tls.crt": old_crt, "tls.key": old_key}})
+    pod.start()
+    pod.run_startup_probe()
+    port = pod.local_port("tls-echo")
+    assert served_certificate(port) == ssl.PEM_cert_to_DER_cert(old_crt.decode())
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(cadata=old_crt.decode())
+    held = context.wrap_socket(connect(port), server_hostname="echo.apps.svc")
+    assert echo_round_trip(held, b"before\n") == b"before\n"
+
+    def expiry() -> float:
+        return parse_metrics(http_get(pod.local_port("admin"), "/metrics")[1].decode())[
+            'echo_tls_certificate_expiry_timestamp_seconds{listener="tls"}']
+
+    before = expiry()
+    pod.update_object("secret", "echo-tls", {"tls.crt": new_crt, "tls.key": new_key})
+    new_der = ssl.PEM_cert_to_DER_cert(new_crt.decode())
+    wait_until(lambda: served_certificate(port) == new_der, 20.0, interval=0.2, what="the rotated certificate to be served")
+    assert echo_round_trip(held, b"after\n") == b"after\n", "the open connection must continue"
+    held.close()
+    metrics = parse_metrics(http_get(pod.local_port("admin"), "/metrics")[1].decode())
+    assert metrics.get('echo_tls_reloads_total{listener="tls",result="ok"}', 0) >= 1, metrics
+    assert 79 * 86400 < expiry() - before < 81 * 86400
+    assert pod.proc.proc.poll() is None, "no restart"
