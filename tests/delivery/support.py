@@ -32,6 +32,7 @@ DASHBOARDS = REPO / "dashboards"
 EVERYTHING_VALUES = CHART / "ci" / "everything-values.yaml"
 # The PodMonitor variant (it excludes the ServiceMonitor, so not in "everything").
 PODMONITOR_VALUES = CHART / "ci" / "podmonitor-values.yaml"
+CERT_MANAGER_VALUES = CHART / "ci" / "cert-manager-values.yaml"
 # Files shipped by the chart that are copies of dashboards/ (`make dashboards-sync`).
 SHIPPED_FILES = ("echo-service-dashboard.json", "echo-service-alerts.yaml")
 KUBE_VERSION = "1.30.0"

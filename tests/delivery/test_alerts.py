@@ -111,3 +111,14 @@ def test_restarting_has_a_for_and_every_rule_tolerates_a_blip():
 def test_abnormal_disconnects_has_a_minimum_traffic_guard():
     expr = next(r["expr"] for r in all_rules() if r["alert"] == "EchoServiceAbnormalDisconnects")
     assert " and on (namespace, job)" in expr and "> 0.2" in expr
+
+
+def test_tls_alerts_cover_expiry_within_14_days_and_a_guarded_failure_ratio():
+    rules = {r["alert"]: r for r in all_rules()}
+    expiry = rules["EchoServiceCertificateExpiringSoon"]["expr"]
+    assert "echo_tls_certificate_expiry_timestamp_seconds" in expiry and "< 14 * 86400" in expiry
+    assert "listener" in expiry, "one pod's listener with an old certificate must be visible"
+    failures = rules["EchoServiceTLSHandshakeFailures"]["expr"]
+    assert "> 0.1\n" in failures and " and on (namespace, job, listener)" in failures
+    # Clients that leave before a ClientHello (L4 health checks) are not failures.
+    assert 'result!="other"' in failures and "other" not in failures.split("result=~")[1].split('"')[1]

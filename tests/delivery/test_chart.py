@@ -18,6 +18,7 @@ import yaml
 from support import (
     CHART,
     DASHBOARDS,
+    CERT_MANAGER_VALUES,
     EVERYTHING_VALUES,
     KUBE_VERSION,
     PODMONITOR_VALUES,
@@ -80,7 +81,8 @@ def test_everything_on_renders_every_kind(everything_docs):
     assert "replicas" not in deploy["spec"], "with an HPA the Deployment must leave replicas to it"
 
 
-@pytest.mark.parametrize("values_file", [None, EVERYTHING_VALUES, PODMONITOR_VALUES], ids=["default", "everything", "podmonitor"])
+@pytest.mark.parametrize("values_file", [None, EVERYTHING_VALUES, PODMONITOR_VALUES, CERT_MANAGER_VALUES],
+                         ids=["default", "everything", "podmonitor", "cert-manager"])
 def test_strict_lint_has_no_errors(values_file):
     values = load_values(values_file) if values_file else {}
     report = helm_python.lint(str(CHART), values, strict=True, kube_version=f"v{KUBE_VERSION}")

@@ -7,7 +7,10 @@ job/namespace/pod variables, and every public metric on some panel.
 Queries: a real Prometheus (Debian package, loopback, 1 s scrape) scrapes the
 real service while a small load runs (echo round trips, some resets, and
 connections beyond --max-connections 2 so rejected{reason="limit"} moves).
-Every panel query and every variable query, with the template variables
+The service also runs a TLS listener (a throwaway openssl certificate) and a
+UDP listener; the load does a TLS round trip and a UDP datagram with every
+connection, and every 10th TLS connection sends garbage instead of a
+ClientHello (result="protocol"). Every panel query and every variable query, with the template variables
 substituted (one pod selected, and "All"), must succeed and return data.
 
 "All" is substituted the way Grafana does it: a variable's allValue when it has
@@ -24,9 +27,12 @@ import http.server
 import json
 import re
 import socket
+import ssl
 import struct
+import subprocess
 import threading
 import time
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -213,6 +219,8 @@ def test_dashboard_has_restart_and_alert_annotations():
         "process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds",
         "process_max_fds", "process_start_time_seconds", "up", "scrape_duration_seconds",
         "echo_connections_limit", "container_spec_memory_limit_bytes",
+        "echo_tls_handshakes_total", "echo_tls_reloads_total", "echo_tls_certificate_expiry_timestamp_seconds",
+        "echo_datagrams_received_total", "echo_datagrams_sent_total", "echo_datagrams_dropped_total",
     ],
 )
 def test_every_public_metric_has_a_panel(metric):
@@ -222,11 +230,54 @@ def test_every_public_metric_has_a_panel(metric):
 # --- live queries ----------------------------------------------------------------
 
 
-def load(echo_port: int, stop: threading.Event, turn: threading.Lock, errors: list[str]) -> None:
-    """Sequential echo connections of mixed sizes; every 5th ends with a reset.
+CERT_DAYS = 30
+
+
+def throwaway_certificate(tmp: Path) -> tuple[Path, Path]:
+    """A self-signed ECDSA certificate for 127.0.0.1, valid CERT_DAYS days (openssl CLI)."""
+    crt, key = tmp / "tls.crt", tmp / "tls.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+         "-keyout", str(key), "-out", str(crt), "-days", str(CERT_DAYS), "-subj", "/CN=echo-service",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )
+    return crt, key
+
+
+def tls_and_udp_round_trip(n: int, ports: dict, context: ssl.SSLContext) -> list[str]:
+    """One TLS echo (or, every 10th time, garbage instead of a ClientHello) and one UDP datagram."""
+    errors = []
+    payload = bytes([97 + n % 26]) * (1 + n % 900)
+    s = connect(ports["tls"])
+    if n % 10 == 0:
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")  # not TLS: the service counts result="protocol"
+        s.settimeout(5)
+        with contextlib.suppress(OSError):
+            s.recv(1024)
+        s.close()
+    else:
+        with context.wrap_socket(s, server_hostname="127.0.0.1") as t:
+            if echo_round_trip(t, payload) != payload:
+                errors.append(f"TLS connection {n}: echo mismatch")
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.settimeout(5)
+    try:
+        u.sendto(payload, ("127.0.0.1", ports["udp"]))
+        if u.recvfrom(2048)[0] != payload:
+            errors.append(f"datagram {n}: echo mismatch")
+    finally:
+        u.close()
+    return errors
+
+
+def load(ports: dict, stop: threading.Event, turn: threading.Lock, errors: list[str], context: ssl.SSLContext) -> None:
+    """Sequential echo connections of mixed sizes; every 5th ends with a reset. With each one,
+    a TLS round trip and a UDP datagram (tls_and_udp_round_trip).
 
     Each connection holds `turn`, so a burst holding it sees no load connection.
     """
+    echo_port = ports["tcp"]
     n = 0
     while not stop.is_set() and n < 2000:
         n += 1
@@ -240,6 +291,7 @@ def load(echo_port: int, stop: threading.Event, turn: threading.Lock, errors: li
                 if n % 5 == 0:
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 s.close()
+                errors.extend(tls_and_udp_round_trip(n, ports, context))
             except OSError as exc:
                 errors.append(f"connection {n}: {exc!r}")
         time.sleep(0.05)
@@ -280,16 +332,21 @@ def scraped_prometheus(tmp_path_factory):
     """The service under load, scraped by a real Prometheus; yields (prom_port, admin_port)."""
     tmp = tmp_path_factory.mktemp("dashboards")
     echo_port, admin_port = free_port(), free_port()
+    ports = {"tcp": echo_port, "tls": free_port(), "udp": free_port()}
+    crt, key = throwaway_certificate(tmp)
+    context = ssl.create_default_context(cafile=str(crt))
     args = [
         f"--listen=127.0.0.1:{echo_port}", f"--admin-listen=127.0.0.1:{admin_port}",
         "--max-connections=2", "--drain-delay=0s", "--shutdown-timeout=1s",
+        f"--tls-listen=127.0.0.1:{ports['tls']}", f"--tls-cert={crt}", f"--tls-key={key}",
+        f"--udp-listen=127.0.0.1:{ports['udp']}",
     ]
     with echo_service(args, tmp=tmp) as proc:
         wait_healthy(proc, admin_port)
         targets_ = [{"job": JOB, "targets": [f"127.0.0.1:{admin_port}"], "labels": {"namespace": NAMESPACE, "pod": POD, "cluster": CLUSTER}}]
         with fake_cadvisor() as cadvisor, prometheus(targets_ + [cadvisor], tmp=tmp, self_scrape=True) as prom_port:
             stop, turn, errors = threading.Event(), threading.Lock(), []
-            worker = threading.Thread(target=load, args=(echo_port, stop, turn, errors), daemon=True)
+            worker = threading.Thread(target=load, args=(ports, stop, turn, errors, context), daemon=True)
             worker.start()
             try:
                 # Refuse some connections once Prometheus has seen the counter at 0,
@@ -446,6 +503,10 @@ def test_panels_show_the_traffic_that_happened(scraped_prometheus):
         "bytes received and echoed": f'sum(rate(echo_received_bytes_total{{{sel}}}[1m])) > 0 and sum(rate(echo_sent_bytes_total{{{sel}}}[1m])) > 0',
         "durations observed": f'sum(increase(echo_connection_duration_seconds_count{{{sel}}}[1m])) > 0',
         "target up": f'up{{{sel}}} == 1',
+        "TLS handshakes ok": f'sum(increase(echo_tls_handshakes_total{{{sel}, result="ok"}}[1m])) > 0',
+        "garbage counted as protocol": f'sum(increase(echo_tls_handshakes_total{{{sel}, result="protocol"}}[1m])) > 0',
+        "certificate days left": f'min(echo_tls_certificate_expiry_timestamp_seconds{{{sel}}} - time()) / 86400 > {CERT_DAYS - 1} < {CERT_DAYS + 1}',
+        "datagrams echoed": f'sum(increase(echo_datagrams_received_total{{{sel}}}[1m])) > 0 and sum(increase(echo_datagrams_sent_total{{{sel}}}[1m])) > 0',
     }
     problems = run_until_non_empty(prom_port, checks)
     assert problems == {}

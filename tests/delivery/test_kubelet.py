@@ -4,7 +4,11 @@ From the rendered pod template we take the container's args, its env (with
 the downward API filled in and $(VAR) references expanded as kubelet does)
 and its named ports. Each containerPort is remapped to a free loopback port:
 ECHO_LISTEN/ECHO_ADMIN_LISTEN must name exactly the containerPorts, which is
-checked, then rewritten. The probes run as kubelet runs them: HTTP GET on the
+checked, then rewritten (likewise ECHO_TLS_LISTEN/ECHO_UDP_LISTEN for tls-echo and
+udp-echo). Secret and ConfigMap volumes are written to local directories from
+a stand-in for the cluster's objects in kubelet's atomic-writer layout (`..data`
+symlink), and env values under a mountPath point there; updating an object swaps
+the symlink as kubelet does, so a Secret rotation reaches the running binary. The probes run as kubelet runs them: HTTP GET on the
 probe's path, the port resolved by name, the probe's timeoutSeconds, success
 when 200 <= status < 400; the startup probe every periodSeconds up to
 failureThreshold. Liveness/readiness are sampled a few times rather than
@@ -23,8 +27,11 @@ import json
 import re
 import signal
 import socket
+import ssl
+import subprocess
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -39,6 +46,7 @@ from support import (
     load_values,
     manifests,
     one,
+    parse_metrics,
     render,
     wait_until,
 )
@@ -62,6 +70,8 @@ class SimulatedPod:
     # containerPort -> free loopback port
     port_map: dict[int, int] = field(default_factory=dict)
     proc: Process | None = None
+    # The cluster's Secrets and ConfigMaps: {("secret"|"configMap", name): {key: bytes}}
+    objects: dict = field(default_factory=dict)
 
     def __post_init__(self):
         spec = self.deployment["spec"]["template"]["spec"]
@@ -69,7 +79,63 @@ class SimulatedPod:
         self.grace = spec["terminationGracePeriodSeconds"]
         self.named_ports = {p["name"]: p["containerPort"] for p in self.container["ports"]}
         self.port_map = {port: free_port() for port in self.named_ports.values()}
+        self.mounts = self._mount_volumes(spec.get("volumes", []))
         self.env = self._resolve_env()
+
+    # -- volumes, as kubelet projects them ---------------------------------------------
+
+    def _mount_volumes(self, volumes: list[dict]) -> dict[str, Path]:
+        """Secret/ConfigMap volumes projected into local directories: {mountPath: directory}.
+
+        Laid out as kubelet's atomic writer does it: the files live in a timestamped
+        `..<ts>` directory, `..data` is a symlink to it, and each key is a symlink
+        `<path> -> ..data/<path>`; an update writes a new `..<ts>` and renames a new
+        `..data` symlink over the old one (update_object). A missing object or key is
+        what kubelet would leave the pod ContainerCreating for.
+        """
+        by_name = {v["name"]: v for v in volumes}
+        mounts: dict[str, Path] = {}
+        self.projections: list[tuple[Path, str, str, list[dict]]] = []
+        for m in self.container.get("volumeMounts", []):
+            assert "subPath" not in m, f"{m}: a subPath mount never sees a Secret/ConfigMap update"
+            assert m.get("readOnly"), f"{m}: not read-only"
+            volume = by_name[m["name"]]
+            kind = "secret" if "secret" in volume else "configMap"
+            source = volume[kind]
+            name = source["secretName"] if kind == "secret" else source["name"]
+            data = self.objects.get((kind, name))
+            assert data is not None, f"volume {m['name']}: no {kind} {name} in the cluster"
+            directory = self.tmp / f"volume-{m['name']}-{time.monotonic_ns()}"
+            directory.mkdir()
+            items = source.get("items") or [{"key": k, "path": k} for k in data]
+            self.projections.append((directory, kind, name, items))
+            self._project(directory, kind, name, items)
+            for item in items:
+                (directory / item["path"]).symlink_to(Path("..data") / item["path"])
+            mounts[m["mountPath"]] = directory
+        return mounts
+
+    def _project(self, directory: Path, kind: str, name: str, items: list[dict]) -> None:
+        data = self.objects[(kind, name)]
+        version = directory / f"..{time.strftime('%Y_%m_%d_%H_%M_%S')}.{time.monotonic_ns()}"
+        version.mkdir()
+        for item in items:
+            assert item["key"] in data, f"{kind} {name} has no key {item['key']}"
+            (version / item["path"]).write_bytes(data[item["key"]])
+        old = (directory / "..data").resolve() if (directory / "..data").is_symlink() else None
+        (directory / "..data_tmp").symlink_to(version.name)
+        (directory / "..data_tmp").rename(directory / "..data")
+        if old:
+            for f in old.iterdir():
+                f.unlink()
+            old.rmdir()
+
+    def update_object(self, kind: str, name: str, data: dict[str, bytes]) -> None:
+        """The Secret/ConfigMap changed in the cluster: kubelet re-projects every volume of it."""
+        self.objects[(kind, name)] = data
+        for directory, k, n, items in self.projections:
+            if (k, n) == (kind, name):
+                self._project(directory, kind, name, items)
 
     # -- env, as kubelet builds it ------------------------------------------------
 
@@ -84,8 +150,15 @@ class SimulatedPod:
                 value = "authorization=Bearer test-token"
             else:
                 raise AssertionError(f"env var source not simulated: {var}")
+            for mount_path, directory in self.mounts.items():
+                if value.startswith(mount_path + "/"):
+                    value = str(directory) + value[len(mount_path):]
             env[var["name"]] = value
-        for name, port_name in (("ECHO_LISTEN", "tcp-echo"), ("ECHO_ADMIN_LISTEN", "admin")):
+        for name, port_name in (("ECHO_LISTEN", "tcp-echo"), ("ECHO_ADMIN_LISTEN", "admin"),
+                                ("ECHO_TLS_LISTEN", "tls-echo"), ("ECHO_UDP_LISTEN", "udp-echo")):
+            if name not in env:
+                assert port_name not in self.named_ports, f"container port {port_name} but no {name}"
+                continue
             m = re.fullmatch(r"\[::\]:(\d+)", env[name])
             assert m, f"{name}={env[name]!r}: expected [::]:PORT"
             assert int(m.group(1)) == self.named_ports[port_name], (
@@ -179,8 +252,8 @@ def deployment_for(values: dict) -> dict:
 def pod_factory(tmp_path):
     pods: list[SimulatedPod] = []
 
-    def make(values: dict) -> SimulatedPod:
-        pod = SimulatedPod(deployment_for(values), tmp_path)
+    def make(values: dict, objects: dict | None = None) -> SimulatedPod:
+        pod = SimulatedPod(deployment_for(values), tmp_path, objects=objects or {})
         pods.append(pod)
         return pod
 
@@ -314,9 +387,29 @@ def test_readiness_fails_at_the_connection_limit(pod_factory):
     wait_until(lambda: pod.probe("readinessProbe")[0], 2.0, what="readiness to recover below the limit")
 
 
-def test_binary_accepts_every_setting_the_chart_renders(pod_factory):
-    """The everything-on render (limits, durations, OTEL_*, extra args) starts and serves."""
-    pod = pod_factory(load_values(EVERYTHING_VALUES))
+def self_signed(tmp: Path, name: str, days: int = 30) -> tuple[bytes, bytes]:
+    """A throwaway ECDSA certificate and key (PEM) from the openssl CLI."""
+    key, crt = tmp / f"{name}.key", tmp / f"{name}.crt"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+         "-keyout", str(key), "-out", str(crt), "-days", str(days), "-subj", f"/CN={name}",
+         "-addext", f"subjectAltName=DNS:{name}"],
+        check=True, capture_output=True, timeout=60,
+    )
+    return crt.read_bytes(), key.read_bytes()
+
+
+def test_binary_accepts_every_setting_the_chart_renders(pod_factory, tmp_path):
+    """The everything-on render (limits, durations, OTEL_*, extra args, TLS from a Secret with a
+    client CA from a ConfigMap, UDP) starts and serves on every port it names."""
+    values = load_values(EVERYTHING_VALUES)
+    crt, key = self_signed(tmp_path, "echo.apps.svc")
+    ca, _ = self_signed(tmp_path, "client-ca")
+    objects = {
+        ("secret", values["tls"]["secretName"]): {"tls.crt": crt, "tls.key": key},
+        ("configMap", values["tls"]["clientCA"]["configMapName"]): {values["tls"]["clientCA"]["key"]: ca},
+    }
+    pod = pod_factory(values, objects)
     rendered = {e["name"] for e in pod.container["env"]}
     assert {"ECHO_IDLE_TIMEOUT", "ECHO_MAX_CONNECTION_AGE_JITTER", "ECHO_MAX_CONNECTION_AGE_GRACE",
             "OTEL_TRACES_SAMPLER"} <= rendered
@@ -327,4 +420,58 @@ def test_binary_accepts_every_setting_the_chart_renders(pod_factory):
     s = connect(pod.echo_port)
     assert echo_round_trip(s, b"all settings\n") == b"all settings\n"
     s.close()
+    # TLS on tls-echo with the mounted certificate and the rendered ALPN list.
+    context = ssl.create_default_context(cadata=crt.decode())
+    context.set_alpn_protocols(["echo"])
+    with context.wrap_socket(connect(pod.local_port("tls-echo")), server_hostname="echo.apps.svc") as t:
+        assert t.selected_alpn_protocol() == "echo"
+        assert echo_round_trip(t, b"tls settings\n") == b"tls settings\n"
+    # UDP on udp-echo (the same container port number as tcp-echo, another protocol).
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.settimeout(5)
+    u.sendto(b"udp settings", ("127.0.0.1", pod.local_port("udp-echo")))
+    assert u.recvfrom(2048)[0] == b"udp settings"
+    u.close()
     assert "k8s.pod.name=echo-echo-service-7d9c8b7f5-x2x9q" in pod.env["OTEL_RESOURCE_ATTRIBUTES"]
+
+
+def served_certificate(port: int) -> bytes:
+    """The DER leaf certificate a new TLS connection gets (not verified: we compare bytes)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with context.wrap_socket(connect(port), server_hostname="echo.apps.svc") as t:
+        return t.getpeercert(binary_form=True)
+
+
+def test_secret_rotation_reaches_the_running_pod(pod_factory, tmp_path):
+    """Kubelet swaps the Secret volume's ..data symlink; the chart mounts the directory (no
+    subPath), so the service sees the new files: new connections get the new certificate,
+    an open one keeps echoing, the expiry gauge moves, no restart."""
+    values = {"tls": {"enabled": True, "secretName": "echo-tls", "reloadInterval": "1s"}}
+    old_crt, old_key = self_signed(tmp_path, "echo.apps.svc", days=10)
+    new_crt, new_key = self_signed(tmp_path, "echo.apps.svc", days=90)  # same files, new bytes
+    pod = pod_factory(values, {("secret", "echo-tls"): {"tls.crt": old_crt, "tls.key": old_key}})
+    pod.start()
+    pod.run_startup_probe()
+    port = pod.local_port("tls-echo")
+    assert served_certificate(port) == ssl.PEM_cert_to_DER_cert(old_crt.decode())
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(cadata=old_crt.decode())
+    held = context.wrap_socket(connect(port), server_hostname="echo.apps.svc")
+    assert echo_round_trip(held, b"before\n") == b"before\n"
+
+    def expiry() -> float:
+        return parse_metrics(http_get(pod.local_port("admin"), "/metrics")[1].decode())[
+            'echo_tls_certificate_expiry_timestamp_seconds{listener="tls"}']
+
+    before = expiry()
+    pod.update_object("secret", "echo-tls", {"tls.crt": new_crt, "tls.key": new_key})
+    new_der = ssl.PEM_cert_to_DER_cert(new_crt.decode())
+    wait_until(lambda: served_certificate(port) == new_der, 20.0, interval=0.2, what="the rotated certificate to be served")
+    assert echo_round_trip(held, b"after\n") == b"after\n", "the open connection must continue"
+    held.close()
+    metrics = parse_metrics(http_get(pod.local_port("admin"), "/metrics")[1].decode())
+    assert metrics.get('echo_tls_reloads_total{listener="tls",result="ok"}', 0) >= 1, metrics
+    assert 79 * 86400 < expiry() - before < 81 * 86400
+    assert pod.proc.proc.poll() is None, "no restart"

@@ -2,7 +2,8 @@
 
 - kubernetes-validate --strict: the bundled OpenAPI schemas of Kubernetes
   1.30 (unknown fields are errors).
-- prometheus-operator objects (skipped by kubernetes-validate as CRDs): the
+- prometheus-operator objects (skipped by kubernetes-validate as CRDs, like
+  the cert-manager Certificate): the
   cloudcoil pydantic models, plus a round trip that catches keys the models
   would silently drop (typos).
 - checkov: zero failures for the restricted-profile checks on the default
@@ -19,6 +20,7 @@ import yaml
 from cloudcoil.models.prometheus_operator import v1 as promop
 
 from support import (
+    CERT_MANAGER_VALUES,
     EVERYTHING_VALUES,
     KUBE_VERSION,
     PODMONITOR_VALUES,
@@ -30,7 +32,8 @@ from support import (
     write_manifests,
 )
 
-RENDERS = {"default": None, "everything": EVERYTHING_VALUES, "podmonitor": PODMONITOR_VALUES}
+RENDERS = {"default": None, "everything": EVERYTHING_VALUES, "podmonitor": PODMONITOR_VALUES,
+           "cert-manager": CERT_MANAGER_VALUES}
 
 # Restricted Pod Security checks (shared/TOOLING.md): privileged, hostPID,
 # hostIPC, hostNetwork, allowPrivilegeEscalation, root containers, added
@@ -63,7 +66,7 @@ def rendered(request, tmp_path_factory):
 
 def test_kubernetes_validate_strict(rendered):
     name, docs, paths, _ = rendered
-    builtin = [p for p, d in zip(paths, docs) if not d["apiVersion"].startswith("monitoring.coreos.com/")]
+    builtin = [p for p, d in zip(paths, docs) if not d["apiVersion"].startswith(("monitoring.coreos.com/", "cert-manager.io/"))]
     result = subprocess.run(
         [venv_tool("kubernetes-validate"), "--strict", "-k", KUBE_VERSION, "--quiet", *map(str, builtin)],
         capture_output=True, text=True, timeout=120,

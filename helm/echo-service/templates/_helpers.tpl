@@ -196,3 +196,18 @@ capabilities:
 seccompProfile:
   type: RuntimeDefault
 {{- end }}
+
+{{/*
+Name of the kubernetes.io/tls Secret the pods mount for the TLS echo port:
+tls.secretName, or "<fullname>-tls" for the Secret a cert-manager Certificate
+writes when tls.certManager.enabled and no name is given.
+*/}}
+{{- define "echo-service.tlsSecretName" -}}
+{{- if .Values.tls.secretName }}
+{{- .Values.tls.secretName }}
+{{- else if .Values.tls.certManager.enabled }}
+{{- printf "%s-tls" (include "echo-service.fullname" . | trunc 59 | trimSuffix "-") }}
+{{- else }}
+{{- fail "tls.enabled needs tls.secretName (an existing kubernetes.io/tls Secret) or tls.certManager.enabled" }}
+{{- end }}
+{{- end }}
