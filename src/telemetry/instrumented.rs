@@ -138,6 +138,11 @@ impl<P: Protocol> Protocol for InstrumentedProtocol<P> {
         if let Some(tls) = transport.tls() {
             record_tls(&self.span, tls);
         }
+        if let Some(fault) = transport.fault() {
+            if !self.span.is_disabled() {
+                self.span.set_attribute("echo.fault", fault);
+            }
+        }
         let _entered = self.span.enter();
         self.inner.connection_made(transport);
     }
@@ -162,6 +167,18 @@ impl<P: Protocol> Protocol for InstrumentedProtocol<P> {
 
     fn deadline(&self) -> Option<(tokio::time::Instant, LossReason)> {
         self.inner.deadline()
+    }
+
+    fn timer(&self) -> Option<tokio::time::Instant> {
+        self.inner.timer()
+    }
+
+    fn timer_fired(&mut self, transport: &mut dyn Transport) {
+        self.inner.timer_fired(transport);
+    }
+
+    fn write_pending(&self) -> bool {
+        self.inner.write_pending()
     }
 }
 
