@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use echo_service::admin::control::{faults_json, Control};
 use echo_service::admin::{self, Admin};
 use echo_service::echo::EchoDatagram;
+use echo_service::faults::{FaultControl, FaultFactory};
 use echo_service::policies::{ConnectionLimit, PeerConnectionLimit};
 use echo_service::proxy_protocol::{ProxyProtocolFactory, ProxySettings};
 use echo_service::signal::{IgnoredSignals, ShutdownSignals};
@@ -195,6 +197,25 @@ async fn run(config: Config, log: StdoutLog) -> Result<(), RunError> {
     let traffic = metrics.traffic.clone();
     let proxy_metrics = metrics.proxy.clone();
     let proxy = config.proxy_settings();
+    let fault_seed = config.fault_seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    });
+    let faults = Arc::new(FaultControl::new(
+        config.faults.clone(),
+        fault_seed,
+        metrics.faults.clone(),
+    ));
+    if !config.faults.is_empty() || config.admin_control {
+        tracing::info!(
+            faults = %faults_json(&faults.current()),
+            fault_seed,
+            admin_control = config.admin_control,
+            admin_token = config.admin_token.is_some(),
+            "fault injection layer installed on every stream listener"
+        );
+    }
 
     let listener = server::bind(config.listen, config.listen_backlog)
         .map_err(|err| format!("cannot listen on '--listen {}': {err}", config.listen))?;
@@ -254,7 +275,15 @@ async fn run(config: Config, log: StdoutLog) -> Result<(), RunError> {
 
     tokio::spawn(admin::serve(
         admin_listener,
-        Arc::new(Admin::new(state.clone(), metrics).with_proxy_mode(config.proxy_protocol)),
+        Arc::new(
+            Admin::new(state.clone(), metrics)
+                .with_proxy_mode(config.proxy_protocol)
+                .with_control(Control {
+                    faults: faults.clone(),
+                    enabled: config.admin_control,
+                    token: config.admin_token.clone(),
+                }),
+        ),
         config.admin_settings(),
     ));
 
@@ -272,6 +301,7 @@ async fn run(config: Config, log: StdoutLog) -> Result<(), RunError> {
     let proxied = Proxied {
         settings: proxy,
         metrics: proxy_metrics,
+        faults: (!config.faults.is_empty() || config.admin_control).then_some(faults),
     };
     let mut servers = Vec::new();
     let factory = InstrumentedFactory::new(
@@ -328,19 +358,42 @@ fn peer_limited<F: Factory>(
     }
 }
 
-/// The PROXY header layer, when `--proxy-protocol` is on: it wraps every stream listener's
-/// whole stack, so every layer inside sees the original client.
+/// The outer layers of every stream listener: the PROXY header layer, when `--proxy-protocol`
+/// is on, wraps the whole stack, so every layer inside sees the original client; inside it the
+/// fault layer, only when a fault is configured or `--admin-control` is on, wraps everything
+/// else (the instrumentation inside it reads the fault for the span).
 struct Proxied {
     settings: Option<ProxySettings>,
     metrics: Arc<ProxyMetrics>,
+    faults: Option<Arc<FaultControl>>,
 }
 
 impl Proxied {
+    /// Serve `listener` with `factory` (behind the fault and PROXY layers when they are on)
+    /// until `shutdown`, then drain.
+    fn spawn<F: Factory>(
+        &self,
+        factory: F,
+        listener: tokio::net::TcpListener,
+        state: &Arc<ServiceState>,
+        config: &Config,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> tokio::task::JoinHandle<()> {
+        match &self.faults {
+            Some(control) => {
+                let factory =
+                    FaultFactory::new(factory, control.clone(), config.write_buffer_limit);
+                self.spawn_proxied(factory, listener, state, config, shutdown)
+            }
+            None => self.spawn_proxied(factory, listener, state, config, shutdown),
+        }
+    }
+
     /// Serve `listener` with `factory` (behind the PROXY layer when it is on) until
     /// `shutdown`, then drain. The accept loop runs on a worker thread, not on the block_on
     /// thread: connection tasks it spawns then start on the same worker without a
     /// cross-thread wake-up per accept.
-    fn spawn<F: Factory>(
+    fn spawn_proxied<F: Factory>(
         &self,
         factory: F,
         listener: tokio::net::TcpListener,
