@@ -221,4 +221,20 @@ mod tests {
         state.advance(Phase::Draining);
         assert_eq!(state.not_ready_reason(), Some("draining"));
     }
+
+    #[test]
+    fn readiness_can_be_disabled_and_enabled_while_serving() {
+        let state = ServiceState::new(None);
+        assert!(!state.set_ready_disabled(true));
+        assert_eq!(state.not_ready_reason(), Some("disabled"));
+        assert!(state.set_ready_disabled(false));
+        assert_eq!(state.not_ready_reason(), None);
+        state.set_ready_disabled(true);
+        state.advance(Phase::Draining);
+        assert_eq!(
+            state.not_ready_reason(),
+            Some("draining"),
+            "draining says more"
+        );
+    }
 }

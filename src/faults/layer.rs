@@ -388,3 +388,110 @@ impl<P: Protocol> Protocol for Faulty<P> {
         own || self.inner.write_pending()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::echo::EchoFactory;
+    use crate::faults::parse_specs;
+    use crate::telemetry::{FaultMetrics, Metrics};
+    use crate::transport::MemoryTransport;
+    use crate::ServiceState;
+
+    fn factory(spec: &str, limit: usize) -> (FaultFactory<EchoFactory>, Arc<FaultMetrics>) {
+        let metrics = Metrics::register(&ServiceState::new(None)).unwrap().faults;
+        let control = Arc::new(FaultControl::new(
+            parse_specs(spec).unwrap(),
+            1,
+            metrics.clone(),
+        ));
+        (FaultFactory::new(EchoFactory, control, limit), metrics)
+    }
+
+    fn conn() -> ConnectionInfo {
+        ConnectionInfo {
+            id: 1,
+            peer: "127.0.0.1:40000".parse().unwrap(),
+            local: "127.0.0.1:8000".parse().unwrap(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_latency_queue_pauses_reading_at_the_write_buffer_limit() {
+        let (factory, metrics) = factory("latency,delay=100ms", 1000);
+        let mut protocol = factory.build_protocol(&conn()).unwrap();
+        let mut transport = MemoryTransport::new();
+        protocol.connection_made(&mut transport);
+        assert_eq!(metrics.injected[FaultKind::Latency.index()].get(), 1);
+        protocol.data_received(&[1; 600], &mut transport);
+        assert!(!transport.is_read_paused());
+        protocol.data_received(&[2; 600], &mut transport);
+        assert!(
+            transport.is_read_paused(),
+            "1200 queued bytes > the 1000 limit"
+        );
+        assert!(transport.written().is_empty(), "echoed before the delay");
+        assert!(protocol.write_pending());
+        let due = protocol.timer().unwrap();
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert!(Instant::now() >= due);
+        protocol.timer_fired(&mut transport);
+        assert_eq!(
+            transport.written().len(),
+            1200,
+            "both chunks released, in order"
+        );
+        assert_eq!(transport.written()[0], 1);
+        assert_eq!(transport.written()[1199], 2);
+        assert!(
+            !transport.is_read_paused(),
+            "resumed once the queue drained"
+        );
+        assert!(!protocol.write_pending());
+        assert_eq!(protocol.timer(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bandwidth_pauses_reading_in_debt_and_resumes_on_refill() {
+        let (factory, _) = factory("bandwidth,bytes-per-second=1000", 1 << 16);
+        let mut protocol = factory.build_protocol(&conn()).unwrap();
+        let mut transport = MemoryTransport::new();
+        protocol.connection_made(&mut transport);
+        protocol.data_received(&[0; 1500], &mut transport);
+        assert_eq!(transport.written().len(), 1500, "echoed at once");
+        assert!(transport.is_read_paused(), "500 bytes in debt");
+        let resume = protocol.timer().unwrap();
+        assert_eq!(resume - Instant::now(), Duration::from_millis(500));
+        tokio::time::advance(Duration::from_millis(500)).await;
+        protocol.timer_fired(&mut transport);
+        assert!(!transport.is_read_paused());
+    }
+
+    #[test]
+    fn close_after_bytes_writes_exactly_n_then_closes_with_fault_close() {
+        let (factory, _) = factory("close,after-bytes=5", 1 << 16);
+        let mut protocol = factory.build_protocol(&conn()).unwrap();
+        let mut transport = MemoryTransport::new();
+        protocol.connection_made(&mut transport);
+        protocol.data_received(b"abc", &mut transport);
+        assert_eq!(transport.close_reason(), None);
+        protocol.data_received(b"defgh", &mut transport);
+        assert_eq!(transport.written(), b"abcde");
+        assert_eq!(transport.close_reason(), Some(LossReason::FaultClose));
+    }
+
+    #[test]
+    fn a_connection_that_draws_no_fault_is_left_alone() {
+        let (factory, metrics) = factory("reset,probability=0", 1 << 16);
+        let mut protocol = factory.build_protocol(&conn()).unwrap();
+        let mut transport = MemoryTransport::new();
+        protocol.connection_made(&mut transport);
+        protocol.data_received(b"hello", &mut transport);
+        assert_eq!(transport.written(), b"hello");
+        assert!(matches!(protocol.state, State::Clean));
+        assert_eq!(protocol.timer(), None);
+        assert!(metrics.injected.iter().all(|c| c.get() == 0));
+    }
+}
