@@ -214,9 +214,17 @@ fn reset_gives_econnreset_at_accept_after_bytes_and_after_a_duration() {
     ] {
         let service = Service::start(&["--fault", spec]);
         let start = Instant::now();
-        let mut stream = service.connect();
-        let _ = stream.write_all(&payload(send, 2));
-        let (got, end) = read_until_end(&mut stream);
+        // A reset at accept can arrive before connect() returns: that is the reset too.
+        let (got, end) = match TcpStream::connect(service.echo) {
+            Ok(mut stream) => {
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(10)))
+                    .unwrap();
+                let _ = stream.write_all(&payload(send, 2));
+                read_until_end(&mut stream)
+            }
+            Err(err) => (Vec::new(), Err(err)),
+        };
         let took = start.elapsed();
         report(&format!("{spec}: reset seen"), took);
         let err = end.expect_err("a reset, not a clean close");
@@ -638,5 +646,41 @@ fn haproxy_stops_sending_new_connections_to_a_replica_whose_readiness_is_disable
             "HAProxy never returned to the re-enabled replica"
         );
         through();
+    }
+}
+
+#[test]
+fn behind_a_proxy_header_peers_match_the_original_client() {
+    let service = Service::start(&[
+        "--proxy-protocol",
+        "required",
+        "--fault",
+        "refuse,peers=10.0.0.0/8",
+    ]);
+    let through = |client: &str| {
+        let mut stream = service.connect();
+        let header = format!("PROXY TCP4 {client} 127.0.0.1 40001 8000\r\n");
+        stream.write_all(header.as_bytes()).unwrap();
+        stream.write_all(b"x").unwrap();
+        let (got, end) = read_until_end_or_echo(&mut stream);
+        (got, end)
+    };
+    // Every connection comes from 127.0.0.1; only the header says who the client is.
+    let (got, _) = through("10.1.2.3");
+    assert!(got.is_empty(), "a client in 10.0.0.0/8 was served");
+    let (got, _) = through("192.0.2.7");
+    assert_eq!(got, b"x", "a client outside 10.0.0.0/8 was refused");
+    service.wait_metrics("one refusal", |m| {
+        m.get(&injected("refuse")) == 1.0 && m.get(&lost("fault_close")) == 1.0
+    });
+}
+
+/// Read one byte of echo, or until the server closes.
+fn read_until_end_or_echo(stream: &mut TcpStream) -> (Vec<u8>, std::io::Result<()>) {
+    let mut byte = [0u8; 1];
+    match stream.read(&mut byte) {
+        Ok(0) => (Vec::new(), Ok(())),
+        Ok(_) => (byte.to_vec(), Ok(())),
+        Err(e) => (Vec::new(), Err(e)),
     }
 }
