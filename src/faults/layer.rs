@@ -396,11 +396,12 @@ mod tests {
     use super::*;
     use crate::echo::EchoFactory;
     use crate::faults::parse_specs;
-    use crate::telemetry::{FaultMetrics, Metrics};
+    use crate::faults::FaultCounters;
+    use crate::telemetry::Metrics;
     use crate::transport::MemoryTransport;
     use crate::ServiceState;
 
-    fn factory(spec: &str, limit: usize) -> (FaultFactory<EchoFactory>, Arc<FaultMetrics>) {
+    fn factory(spec: &str, limit: usize) -> (FaultFactory<EchoFactory>, Arc<FaultCounters>) {
         let metrics = Metrics::register(&ServiceState::new(None)).unwrap().faults;
         let control = Arc::new(FaultControl::new(
             parse_specs(spec).unwrap(),

@@ -16,5 +16,5 @@ mod set;
 mod spec;
 
 pub use layer::{FaultFactory, Faulty};
-pub use set::{choose, draw, FaultControl};
+pub use set::{choose, draw, FaultControl, FaultCounters};
 pub use spec::{duration_text, parse_json, parse_specs, FaultError, FaultKind, FaultSpec};

@@ -11,19 +11,31 @@
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 
+use prometheus::{IntCounter, IntGauge};
+
 use super::spec::{FaultKind, FaultSpec};
-use crate::telemetry::FaultMetrics;
+
+/// The fault metrics, one child per [`FaultKind::LABELS`] entry (registered with the rest in
+/// `telemetry/metrics.rs`, which reads the labels from here: data flows one way).
+#[derive(Debug)]
+pub struct FaultCounters {
+    /// `echo_faults_enabled{fault}`: 1 while a fault of that kind is configured with a
+    /// probability above 0.
+    pub enabled: [IntGauge; 7],
+    /// `echo_faults_injected_total{fault}`: connections that got a fault of that kind.
+    pub injected: [IntCounter; 7],
+}
 
 /// The faults in force and what counts them.
 pub struct FaultControl {
     current: RwLock<Arc<Vec<FaultSpec>>>,
     seed: u64,
-    metrics: Arc<FaultMetrics>,
+    metrics: Arc<FaultCounters>,
 }
 
 impl FaultControl {
     /// Start with `faults`, choosing with `seed`, counting into `metrics`.
-    pub fn new(faults: Vec<FaultSpec>, seed: u64, metrics: Arc<FaultMetrics>) -> Self {
+    pub fn new(faults: Vec<FaultSpec>, seed: u64, metrics: Arc<FaultCounters>) -> Self {
         let control = FaultControl {
             current: RwLock::new(Arc::new(Vec::new())),
             seed,

@@ -13,7 +13,7 @@ use prometheus::{
     Registry,
 };
 
-use crate::faults::FaultKind;
+use crate::faults::{FaultCounters, FaultKind};
 use crate::proxy_protocol::{ProxyResult, Version};
 use crate::state::ServiceState;
 
@@ -289,39 +289,29 @@ impl ProxyMetrics {
     }
 }
 
-/// `echo_faults_enabled{fault}` and `echo_faults_injected_total{fault}`, one child per
-/// [`FaultKind::LABELS`] entry, created up front.
-#[derive(Debug)]
-pub struct FaultMetrics {
-    /// 1 while a fault of that kind is configured with a probability above 0.
-    pub enabled: [IntGauge; 7],
-    /// Connections that got a fault of that kind.
-    pub injected: [IntCounter; 7],
-}
-
-impl FaultMetrics {
-    fn register(registry: &Registry) -> prometheus::Result<Self> {
-        let enabled = IntGaugeVec::new(
-            Opts::new(
-                "echo_faults_enabled",
-                "1 while a fault of this kind is configured (--fault or PUT /faults) with a probability above 0.",
-            ),
-            &["fault"],
-        )?;
-        let injected = IntCounterVec::new(
-            Opts::new(
-                "echo_faults_injected_total",
-                "Connections a fault of this kind was injected into.",
-            ),
-            &["fault"],
-        )?;
-        registry.register(Box::new(enabled.clone()))?;
-        registry.register(Box::new(injected.clone()))?;
-        Ok(FaultMetrics {
-            enabled: FaultKind::LABELS.map(|fault| enabled.with_label_values(&[fault])),
-            injected: FaultKind::LABELS.map(|fault| injected.with_label_values(&[fault])),
-        })
-    }
+/// Register `echo_faults_enabled{fault}` and `echo_faults_injected_total{fault}`, one child
+/// per [`FaultKind::LABELS`] entry, created up front; the fault layer updates them.
+fn register_faults(registry: &Registry) -> prometheus::Result<FaultCounters> {
+    let enabled = IntGaugeVec::new(
+        Opts::new(
+            "echo_faults_enabled",
+            "1 while a fault of this kind is configured (--fault or PUT /faults) with a probability above 0.",
+        ),
+        &["fault"],
+    )?;
+    let injected = IntCounterVec::new(
+        Opts::new(
+            "echo_faults_injected_total",
+            "Connections a fault of this kind was injected into.",
+        ),
+        &["fault"],
+    )?;
+    registry.register(Box::new(enabled.clone()))?;
+    registry.register(Box::new(injected.clone()))?;
+    Ok(FaultCounters {
+        enabled: FaultKind::LABELS.map(|fault| enabled.with_label_values(&[fault])),
+        injected: FaultKind::LABELS.map(|fault| injected.with_label_values(&[fault])),
+    })
 }
 
 /// The registry with everything in it, plus the handles the hot path needs.
@@ -338,7 +328,7 @@ pub struct Metrics {
     /// Handed to the PROXY header layer.
     pub proxy: Arc<ProxyMetrics>,
     /// Handed to the fault layer.
-    pub faults: Arc<FaultMetrics>,
+    pub faults: Arc<FaultCounters>,
 }
 
 impl Metrics {
@@ -389,7 +379,7 @@ impl Metrics {
         let datagrams = DatagramFamilies::register(&registry)?;
         let tls = TlsFamilies::register(&registry)?;
         let proxy = ProxyMetrics::register(&registry)?;
-        let faults = FaultMetrics::register(&registry)?;
+        let faults = register_faults(&registry)?;
         Ok(Metrics {
             faults: Arc::new(faults),
             registry,

@@ -14,7 +14,7 @@ pub use instrumented::{
 };
 pub use log_writer::StdoutLog;
 pub use metrics::{
-    DatagramFamilies, DatagramMetrics, FaultMetrics, Metrics, ProxyMetrics, TlsFamilies,
-    TlsMetrics, TrafficMetrics, TEXT_CONTENT_TYPE,
+    DatagramFamilies, DatagramMetrics, Metrics, ProxyMetrics, TlsFamilies, TlsMetrics,
+    TrafficMetrics, TEXT_CONTENT_TYPE,
 };
 pub use tracing_setup::{init_tracing, LogFormat, OtlpSettings, TracingGuard, TracingSetupError};
