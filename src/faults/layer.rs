@@ -104,6 +104,8 @@ struct Active {
     queue_full: bool,
     /// `latency`: the state of the jitter's random draws.
     jitter_state: u64,
+    /// `latency`: the inner protocol closed while chunks were queued; close once they are out.
+    close_when_drained: Option<LossReason>,
     /// `close` / `reset` after bytes: how many more may be echoed.
     bytes_left: Option<u64>,
     /// `close` / `reset` after a duration: when.
@@ -123,6 +125,7 @@ impl Active {
             queued: 0,
             queue_full: false,
             jitter_state: splitmix64(conn_id),
+            close_when_drained: None,
             bytes_left: spec.after_bytes,
             end_at: spec.after.map(|after| now + after),
             throttle: (spec.kind == FaultKind::Bandwidth)
@@ -204,6 +207,11 @@ impl Active {
             self.queue_full = false;
             transport.resume_reading();
         }
+        if self.queue.is_empty() {
+            if let Some(reason) = self.close_when_drained.take() {
+                transport.close_for(reason);
+            }
+        }
         if self.end_at.is_some_and(|at| at <= now) {
             self.end_at = None;
             self.end(transport);
@@ -253,7 +261,7 @@ impl Transport for FaultTransport<'_> {
     }
 
     fn lose_connection(&mut self) {
-        self.outer.lose_connection();
+        self.close_for(LossReason::Closed);
     }
 
     fn abort_connection(&mut self) {
@@ -280,8 +288,14 @@ impl Transport for FaultTransport<'_> {
         self.outer.resume_reading();
     }
 
+    /// A graceful close waits for the latency queue: the delayed bytes are still the
+    /// protocol's writes, and a graceful close sends everything written first.
     fn close_for(&mut self, reason: LossReason) {
-        self.outer.close_for(reason);
+        if self.active.queue.is_empty() {
+            self.outer.close_for(reason);
+        } else {
+            self.active.close_when_drained.get_or_insert(reason);
+        }
     }
 
     fn abort_for(&mut self, reason: LossReason) {
@@ -452,6 +466,47 @@ mod tests {
         );
         assert!(!protocol.write_pending());
         assert_eq!(protocol.timer(), None);
+    }
+
+    /// Closes the connection after echoing its first read.
+    struct EchoOnce;
+
+    impl Protocol for EchoOnce {
+        fn data_received(&mut self, data: &[u8], transport: &mut dyn Transport) {
+            transport.write(data);
+            transport.lose_connection();
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_graceful_close_waits_for_the_latency_queue() {
+        let metrics = Metrics::register(&ServiceState::new(None)).unwrap().faults;
+        let control = Arc::new(FaultControl::new(
+            parse_specs("latency,delay=100ms").unwrap(),
+            1,
+            metrics,
+        ));
+        struct Once;
+        impl Factory for Once {
+            type Protocol = EchoOnce;
+            fn build_protocol(&self, _: &ConnectionInfo) -> Result<EchoOnce, Refusal> {
+                Ok(EchoOnce)
+            }
+        }
+        let mut protocol = FaultFactory::new(Once, control, 1 << 16)
+            .build_protocol(&conn())
+            .unwrap();
+        let mut transport = MemoryTransport::new();
+        protocol.connection_made(&mut transport);
+        protocol.data_received(b"bye", &mut transport);
+        assert!(
+            !transport.is_disconnecting(),
+            "closed before the delayed echo"
+        );
+        tokio::time::advance(Duration::from_millis(100)).await;
+        protocol.timer_fired(&mut transport);
+        assert_eq!(transport.written(), b"bye");
+        assert_eq!(transport.close_reason(), Some(LossReason::Closed));
     }
 
     #[tokio::test(start_paused = true)]
