@@ -4,7 +4,8 @@
 //! |------------|---------|
 //! | `/metrics` | Prometheus text exposition (format 0.0.4) of every metric |
 //! | `/healthz` | liveness: 200 and the shared connection state as JSON; depends on nothing external |
-//! | `/readyz`  | readiness: 200 while serving; 503 while draining, stopping or at the connection limit, with the reason as JSON |
+//! | `/readyz`  | readiness: 200 while serving; 503 while draining, stopping, at the connection limit or disabled (`POST /readyz/disable`), with the reason as JSON |
+//! | `/faults`, `/readyz/disable`, `/readyz/enable` | fault injection and readiness control (`control.rs`; mutating only with `--admin-control`) |
 //!
 //! `GET` and `HEAD` work on all three; other methods get 405 with `Allow`; other paths 404.
 //! HTTP/1.1 and HTTP/2 with prior knowledge are both served. Headers must arrive within
@@ -33,8 +34,10 @@ use crate::proxy_protocol::ProxyMode;
 use crate::state::ServiceState;
 use crate::telemetry::{Metrics, TEXT_CONTENT_TYPE};
 
+pub mod control;
 mod slots;
 
+use control::Control;
 use slots::{AdminSlots, Admission};
 
 /// The longest request target (path and query) answered; longer ones get 414. Room for it is
@@ -59,6 +62,8 @@ pub struct Admin {
     metrics: Metrics,
     /// `--proxy-protocol`, shown in `/healthz`.
     proxy_protocol: ProxyMode,
+    /// The fault and readiness controls (`control.rs`), when wired.
+    control: Option<Control>,
 }
 
 impl Admin {
@@ -68,7 +73,14 @@ impl Admin {
             state,
             metrics,
             proxy_protocol: ProxyMode::Off,
+            control: None,
         }
+    }
+
+    /// Serve `/faults` and `/readyz/disable|enable` (`control.rs`).
+    pub fn with_control(mut self, control: Control) -> Self {
+        self.control = Some(control);
+        self
     }
 
     /// Show `mode` as `proxy_protocol` in `/healthz`.
@@ -145,8 +157,17 @@ async fn serve_connection(
         let (admin, spoke) = (admin.clone(), spoke.clone());
         hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
             spoke.store(true, Ordering::Relaxed);
-            let response = respond_to(&admin, &req, settings.max_header_bytes);
-            async move { Ok::<_, Infallible>(response) }
+            let admin = admin.clone();
+            async move {
+                let response = match respond_to(&admin, &req, settings.max_header_bytes) {
+                    Routed::Done(response) => response,
+                    Routed::Control => match &admin.control {
+                        Some(ctl) => control::handle(ctl, &admin.state, req).await,
+                        None => plain(StatusCode::NOT_FOUND, "not found\n"),
+                    },
+                };
+                Ok::<_, Infallible>(response)
+            }
         })
     };
     let conn = http.serve_connection(TokioIo::new(stream), service);
@@ -167,15 +188,19 @@ async fn serve_connection(
     }
 }
 
+/// Where a request goes after the size checks.
+enum Routed {
+    /// Answered.
+    Done(Response<Full<Bytes>>),
+    /// A control endpoint (`control.rs`), which may read the body.
+    Control,
+}
+
 /// Check the request's size limits, then route it.
-fn respond_to<B>(
-    admin: &Admin,
-    req: &Request<B>,
-    max_header_bytes: usize,
-) -> Response<Full<Bytes>> {
+fn respond_to<B>(admin: &Admin, req: &Request<B>, max_header_bytes: usize) -> Routed {
     let target = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
     if target > MAX_URI_BYTES {
-        return plain(StatusCode::URI_TOO_LONG, "request target too long\n");
+        return Routed::Done(plain(StatusCode::URI_TOO_LONG, "request target too long\n"));
     }
     let head: usize = req
         .headers()
@@ -183,12 +208,15 @@ fn respond_to<B>(
         .map(|(name, value)| name.as_str().len() + value.len() + 4)
         .sum();
     if head > max_header_bytes {
-        return plain(
+        return Routed::Done(plain(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             "request headers too large\n",
-        );
+        ));
     }
-    respond(admin, req.method(), req.uri().path())
+    if control::is_control_path(req.uri().path()) {
+        return Routed::Control;
+    }
+    Routed::Done(respond(admin, req.method(), req.uri().path()))
 }
 
 /// Route one request. HEAD gets the GET response; hyper drops the body for HEAD.
@@ -209,6 +237,9 @@ pub fn respond(admin: &Admin, method: &Method, path: &str) -> Response<Full<Byte
         "/healthz" => {
             let mut body = healthz(&admin.state);
             body["proxy_protocol"] = admin.proxy_protocol.as_str().into();
+            if let Some(ctl) = &admin.control {
+                body["faults"] = control::faults_json(&ctl.faults.current());
+            }
             json(StatusCode::OK, body)
         }
         _ => {

@@ -13,6 +13,7 @@ use clap::Parser;
 
 use crate::admin::AdminSettings;
 use crate::connection::ConnectionSettings;
+use crate::faults::FaultSpec;
 use crate::proxy_protocol::{ProxyMode, ProxySettings, TrustedNetworks};
 use crate::server::DrainSettings;
 use crate::telemetry::{LogFormat, OtlpSettings};
@@ -246,6 +247,34 @@ pub struct Config {
     /// the echo stream is byte-exact unless this is set.
     #[arg(long, env = "ECHO_GREETING")]
     pub greeting: bool,
+    /// Inject a fault into chosen connections of every stream listener: `KIND[,key=value...]`,
+    /// e.g. `latency,delay=50ms,jitter=10ms`, `reset,after-bytes=1024,probability=0.5`,
+    /// `refuse,peers=10.0.0.0/8`. Repeatable; `ECHO_FAULTS` separates specs with `;`. Kinds:
+    /// accept-delay, latency, bandwidth, close, reset, blackhole, refuse (README: "Fault
+    /// injection"). A connection gets at most one: the first that applies.
+    #[arg(long = "fault", env = "ECHO_FAULTS", value_delimiter = ';', value_parser = parse_fault, value_name = "SPEC")]
+    pub faults: Vec<FaultSpec>,
+
+    /// Seed of the per-connection fault draws: the same seed and the same connections in the
+    /// same order fault the same connections. Unset: taken from the clock and logged.
+    #[arg(long, env = "ECHO_FAULT_SEED", value_name = "N")]
+    pub fault_seed: Option<u64>,
+
+    /// Enable the mutating admin endpoints (`PUT`/`DELETE /faults`, `POST /readyz/disable`,
+    /// `POST /readyz/enable`); without it they answer 404. Anyone who reaches the admin port
+    /// can then change the service's behaviour: set `ECHO_ADMIN_TOKEN` too.
+    #[arg(long, env = "ECHO_ADMIN_CONTROL")]
+    pub admin_control: bool,
+
+    /// Bearer token the mutating admin endpoints require (`Authorization: Bearer TOKEN`;
+    /// 401 otherwise). Prefer the environment variable: a flag shows up in `ps`.
+    #[arg(
+        long,
+        env = "ECHO_ADMIN_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub admin_token: Option<String>,
 }
 
 /// The largest `--max-connections` accepted (far above any file descriptor limit).
@@ -371,6 +400,10 @@ fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
             || a.ip().is_unspecified()
             || b.ip().is_unspecified()
             || a.ip().to_canonical() == b.ip().to_canonical())
+}
+
+fn parse_fault(text: &str) -> Result<FaultSpec, String> {
+    FaultSpec::parse(text).map_err(|err| err.to_string())
 }
 
 fn parse_trusted(text: &str) -> Result<TrustedNetworks, String> {

@@ -35,6 +35,8 @@
 //! - [`datagram`]: the `DatagramProtocol` / `DatagramTransport` traits (Twisted's UDP side).
 //! - [`tls`]: TLS as a wrapping protocol over rustls's sans-I/O session, with certificate
 //!   reload and the TLS metrics.
+//! - [`faults`]: fault injection (`--fault`, `PUT /faults`): a wrapping factory and protocol
+//!   that delays, throttles, closes, resets, refuses or blackholes chosen connections.
 //! - [`udp`]: the UDP server: one task per socket, replies sent now or dropped and counted.
 //!
 //! Data flows one way: socket → server → (policies → instrumentation) → protocol → transport
@@ -51,6 +53,7 @@ pub mod connection;
 pub mod datagram;
 pub mod echo;
 pub mod factory;
+pub mod faults;
 pub mod fd_limit;
 pub mod identity;
 pub mod policies;

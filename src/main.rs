@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use echo_service::admin::control::{faults_json, Control};
 use echo_service::admin::{self, Admin};
 use echo_service::echo::EchoDatagram;
+use echo_service::faults::{FaultControl, FaultFactory};
 use echo_service::identity::{GreetingFactory, Identity, IdentityFactory, IDENTITY_LISTENER};
 use echo_service::policies::{ConnectionLimit, PeerConnectionLimit};
 use echo_service::proxy_protocol::{ProxyProtocolFactory, ProxySettings};
@@ -251,6 +253,25 @@ async fn run(config: Config, log: StdoutLog, otel: OtelSettings) -> Result<(), R
     let traffic = metrics.traffic.clone();
     let proxy_metrics = metrics.proxy.clone();
     let proxy = config.proxy_settings();
+    let fault_seed = config.fault_seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    });
+    let faults = Arc::new(FaultControl::new(
+        config.faults.clone(),
+        fault_seed,
+        metrics.faults.clone(),
+    ));
+    if !config.faults.is_empty() || config.admin_control {
+        tracing::info!(
+            faults = %faults_json(&faults.current()),
+            fault_seed,
+            admin_control = config.admin_control,
+            admin_token = config.admin_token.is_some(),
+            "fault injection layer installed on every stream listener"
+        );
+    }
 
     let admin_listener = server::bind(config.admin_listen, 128).map_err(|err| {
         format!(
@@ -308,7 +329,15 @@ async fn run(config: Config, log: StdoutLog, otel: OtelSettings) -> Result<(), R
 
     tokio::spawn(admin::serve(
         admin_listener,
-        Arc::new(Admin::new(state.clone(), metrics).with_proxy_mode(config.proxy_protocol)),
+        Arc::new(
+            Admin::new(state.clone(), metrics)
+                .with_proxy_mode(config.proxy_protocol)
+                .with_control(Control {
+                    faults: faults.clone(),
+                    enabled: config.admin_control,
+                    token: config.admin_token.clone(),
+                }),
+        ),
         config.admin_settings(),
     ));
 
@@ -349,6 +378,7 @@ async fn run(config: Config, log: StdoutLog, otel: OtelSettings) -> Result<(), R
         spans: tracing.connection_spans(),
         proxy_metrics,
         proxy,
+        faults: (!config.faults.is_empty() || config.admin_control).then_some(faults),
     };
     let mut servers = Vec::new();
     if let Some(listener) = identity_listener {
@@ -420,6 +450,8 @@ struct Layers {
     spans: Option<ConnectionSpans>,
     proxy_metrics: Arc<ProxyMetrics>,
     proxy: Option<ProxySettings>,
+    /// The fault layer, only when a fault is configured or `--admin-control` is on.
+    faults: Option<Arc<FaultControl>>,
 }
 
 impl Layers {
@@ -433,11 +465,12 @@ impl Layers {
 
     /// Serve `app` on `listener` inside the layers, outermost first: the PROXY header layer
     /// (when on, so everything inside sees the original client; on a TLS port the header
-    /// comes before the handshake, as HAProxy sends it), TLS (when `tls`), instrumentation
-    /// (inside TLS, so spans and byte counts see the plaintext and the span covers the
-    /// handshake), the total limit, the per-peer limit (`per_peer`), then the app; until
-    /// `shutdown`, then drain. The accept loop runs on a worker thread, not on the block_on
-    /// thread: connection tasks it spawns then start on the same worker without a
+    /// comes before the handshake, as HAProxy sends it), the fault layer (when on; the
+    /// instrumentation inside it reads the fault for the span), TLS (when `tls`),
+    /// instrumentation (inside TLS, so spans and byte counts see the plaintext and the span
+    /// covers the handshake), the total limit, the per-peer limit (`per_peer`), then the app;
+    /// until `shutdown`, then drain. The accept loop runs on a worker thread, not on the
+    /// block_on thread: connection tasks it spawns then start on the same worker without a
     /// cross-thread wake-up per accept.
     fn spawn<F: Factory>(
         &self,
@@ -465,13 +498,32 @@ impl Layers {
         )
         .with_spans(self.spans.clone());
         match tls {
-            None => self.spawn_proxied(factory, config, listener, shutdown),
+            None => self.spawn_faulted(factory, config, listener, shutdown),
             Some(store) => {
-                self.spawn_proxied(TlsFactory::new(factory, store), config, listener, shutdown)
+                self.spawn_faulted(TlsFactory::new(factory, store), config, listener, shutdown)
             }
         }
     }
 
+    /// `factory` behind the fault layer, when it is on.
+    fn spawn_faulted<F: Factory>(
+        &self,
+        factory: F,
+        config: &Config,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> tokio::task::JoinHandle<()> {
+        match &self.faults {
+            Some(control) => {
+                let factory =
+                    FaultFactory::new(factory, control.clone(), config.write_buffer_limit);
+                self.spawn_proxied(factory, config, listener, shutdown)
+            }
+            None => self.spawn_proxied(factory, config, listener, shutdown),
+        }
+    }
+
+    /// `factory` behind the PROXY header layer, when it is on; served until `shutdown`.
     fn spawn_proxied<F: Factory>(
         &self,
         factory: F,

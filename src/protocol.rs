@@ -48,6 +48,28 @@ pub trait Protocol: Send + Unpin + 'static {
     fn deadline(&self) -> Option<(tokio::time::Instant, LossReason)> {
         None
     }
+
+    /// When the protocol next wants [`Protocol::timer_fired`] (Twisted's `callLater`, one
+    /// pending call per protocol). The driver asks after every callback and shares its policy
+    /// timer for it (created on demand, so protocols that set none pay nothing). After
+    /// `timer_fired` the protocol must answer a later instant or `None`. Wrapping protocols
+    /// forward it (combined with their own, if they have one).
+    fn timer(&self) -> Option<tokio::time::Instant> {
+        None
+    }
+
+    /// The instant [`Protocol::timer`] asked for has come; `transport` is usable as in any
+    /// callback (write, pause or resume reading, close).
+    fn timer_fired(&mut self, transport: &mut dyn Transport) {
+        let _ = transport;
+    }
+
+    /// Does the protocol still hold bytes it will write later (a delay queue)? After the
+    /// peer's EOF the driver ends the connection only once everything is flushed and this
+    /// says `false`. Wrapping protocols forward it.
+    fn write_pending(&self) -> bool {
+        false
+    }
 }
 
 /// Why a connection ended. The label of each variant is a fixed metric label value and the
@@ -85,11 +107,15 @@ pub enum LossReason {
     /// `--max-connection-age-grace` (the peer was not reading); the connection was reset and
     /// the unsent bytes were dropped.
     MaxAgeGrace,
+    /// A fault (`--fault close`, `refuse`) closed the connection on purpose: flushed, then FIN.
+    FaultClose,
+    /// A fault (`--fault reset`) reset the connection on purpose (RST).
+    FaultReset,
 }
 
 impl LossReason {
     /// Every label value, in [`LossReason::index`] order.
-    pub const LABELS: [&'static str; 13] = [
+    pub const LABELS: [&'static str; 15] = [
         "peer_closed",
         "closed",
         "max_age",
@@ -103,6 +129,8 @@ impl LossReason {
         "proxy_timeout",
         "handshake_timeout",
         "max_age_grace",
+        "fault_close",
+        "fault_reset",
     ];
 
     /// Position of this reason in [`LossReason::LABELS`] (for per-reason counter arrays).
@@ -121,6 +149,8 @@ impl LossReason {
             LossReason::ProxyTimeout => 10,
             LossReason::HandshakeTimeout => 11,
             LossReason::MaxAgeGrace => 12,
+            LossReason::FaultClose => 13,
+            LossReason::FaultReset => 14,
         }
     }
 
@@ -134,7 +164,10 @@ impl LossReason {
     pub fn is_clean(self) -> bool {
         matches!(
             self,
-            LossReason::PeerClosed | LossReason::Closed | LossReason::MaxAge
+            LossReason::PeerClosed
+                | LossReason::Closed
+                | LossReason::MaxAge
+                | LossReason::FaultClose
         )
     }
 
@@ -169,6 +202,8 @@ mod tests {
             LossReason::ProxyTimeout,
             LossReason::HandshakeTimeout,
             LossReason::MaxAgeGrace,
+            LossReason::FaultClose,
+            LossReason::FaultReset,
         ];
         for (i, reason) in all.iter().enumerate() {
             assert_eq!(reason.index(), i);

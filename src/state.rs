@@ -6,7 +6,7 @@
 //! protocol is built, `active` when the connection task is created and again when it is dropped
 //! (so a panicking protocol still leaves the count right), and `lost{reason}` on that drop.
 
-use std::sync::atomic::{AtomicI64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -217,6 +217,8 @@ pub struct ServiceState {
     started_at: Instant,
     /// `--max-connections`, when set: readiness reports "at capacity" at this many.
     max_connections: Option<u64>,
+    /// `POST /readyz/disable` turned readiness off (reason `disabled`) while serving goes on.
+    ready_disabled: AtomicBool,
 }
 
 impl ServiceState {
@@ -235,6 +237,7 @@ impl ServiceState {
             phase: AtomicU8::new(Phase::Serving as u8),
             started_at: Instant::now(),
             max_connections,
+            ready_disabled: AtomicBool::new(false),
         }
     }
 
@@ -247,6 +250,7 @@ impl ServiceState {
             phase: AtomicU8::new(Phase::Serving as u8),
             started_at: self.started_at,
             max_connections: self.max_connections,
+            ready_disabled: AtomicBool::new(false),
         }
     }
 
@@ -274,11 +278,18 @@ impl ServiceState {
     /// Why the service is not ready, or `None` when it is.
     pub fn not_ready_reason(&self) -> Option<&'static str> {
         match self.phase() {
+            Phase::Serving if self.ready_disabled.load(Ordering::Relaxed) => Some("disabled"),
             Phase::Serving if self.at_capacity() => Some("at_capacity"),
             Phase::Serving => None,
             Phase::Draining => Some("draining"),
             Phase::Stopping => Some("stopping"),
         }
+    }
+
+    /// Turn readiness off (`POST /readyz/disable`: reason `disabled`) or back on; returns
+    /// whether it was disabled before.
+    pub fn set_ready_disabled(&self, disabled: bool) -> bool {
+        self.ready_disabled.swap(disabled, Ordering::Relaxed)
     }
 
     /// Seconds since the state was created (process start, in practice).
@@ -307,5 +318,21 @@ mod tests {
         assert_eq!(state.not_ready_reason(), Some("at_capacity"));
         state.advance(Phase::Draining);
         assert_eq!(state.not_ready_reason(), Some("draining"));
+    }
+
+    #[test]
+    fn readiness_can_be_disabled_and_enabled_while_serving() {
+        let state = ServiceState::new(None);
+        assert!(!state.set_ready_disabled(true));
+        assert_eq!(state.not_ready_reason(), Some("disabled"));
+        assert!(state.set_ready_disabled(false));
+        assert_eq!(state.not_ready_reason(), None);
+        state.set_ready_disabled(true);
+        state.advance(Phase::Draining);
+        assert_eq!(
+            state.not_ready_reason(),
+            Some("draining"),
+            "draining says more"
+        );
     }
 }

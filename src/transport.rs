@@ -7,6 +7,8 @@
 
 use std::net::SocketAddr;
 
+use crate::protocol::LossReason;
+
 /// The protocol's handle on its connection.
 pub trait Transport {
     /// Queue `data` for the peer. Never blocks: bytes the socket can't take now are buffered,
@@ -40,6 +42,34 @@ pub trait Transport {
     fn proxy_header(&self) -> Option<&crate::proxy_protocol::Header> {
         None
     }
+
+    /// Stop reading from the peer until [`Transport::resume_reading`] (Twisted's
+    /// `pauseProducing`): its writes back up in the kernel buffers and then block. Timers and
+    /// writes go on. Wrapping transports forward it.
+    fn pause_reading(&mut self) {}
+
+    /// Read from the peer again after [`Transport::pause_reading`].
+    fn resume_reading(&mut self) {}
+
+    /// [`Transport::lose_connection`] with the loss reason to report (flush, FIN, then
+    /// `connection_lost(reason)`). The default closes with [`LossReason::Closed`].
+    fn close_for(&mut self, reason: LossReason) {
+        let _ = reason;
+        self.lose_connection();
+    }
+
+    /// [`Transport::abort_connection`] with the loss reason to report (RST, then
+    /// `connection_lost(reason)`). The default aborts with [`LossReason::Aborted`].
+    fn abort_for(&mut self, reason: LossReason) {
+        let _ = reason;
+        self.abort_connection();
+    }
+
+    /// The fault injected into this connection (`echo.fault` on the span), when the fault
+    /// layer chose one (its transport answers; every other transport forwards or has none).
+    fn fault(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 /// The parameters of an established TLS session, as the semantic conventions name them.
@@ -65,6 +95,8 @@ pub struct MemoryTransport {
     written: Vec<u8>,
     disconnecting: bool,
     aborted: bool,
+    read_paused: bool,
+    close_reason: Option<LossReason>,
     peer: SocketAddr,
     local: SocketAddr,
 }
@@ -84,6 +116,8 @@ impl MemoryTransport {
             written: Vec::new(),
             disconnecting: false,
             aborted: false,
+            read_paused: false,
+            close_reason: None,
             peer,
             local,
         }
@@ -108,6 +142,16 @@ impl MemoryTransport {
     pub fn is_aborted(&self) -> bool {
         self.aborted
     }
+
+    /// Is reading paused ([`Transport::pause_reading`])?
+    pub fn is_read_paused(&self) -> bool {
+        self.read_paused
+    }
+
+    /// The reason the protocol closed or aborted with, if it did.
+    pub fn close_reason(&self) -> Option<LossReason> {
+        self.close_reason
+    }
 }
 
 impl Default for MemoryTransport {
@@ -126,10 +170,32 @@ impl Transport for MemoryTransport {
     }
 
     fn lose_connection(&mut self) {
-        self.disconnecting = true;
+        self.close_for(LossReason::Closed);
     }
 
     fn abort_connection(&mut self) {
+        self.abort_for(LossReason::Aborted);
+    }
+
+    fn pause_reading(&mut self) {
+        self.read_paused = true;
+    }
+
+    fn resume_reading(&mut self) {
+        self.read_paused = false;
+    }
+
+    fn close_for(&mut self, reason: LossReason) {
+        if !self.disconnecting && !self.aborted {
+            self.close_reason = Some(reason);
+        }
+        self.disconnecting = true;
+    }
+
+    fn abort_for(&mut self, reason: LossReason) {
+        if !self.aborted {
+            self.close_reason = Some(reason);
+        }
         self.aborted = true;
     }
 

@@ -27,7 +27,12 @@
 //!   peer that resets during the linger is counted as `reset`, not as the clean reason we closed
 //!   for: it did not read everything.
 //! - **Policy timers** (idle, write stall, max age and its grace, throttle) live in a boxed
-//!   clock that exists only when a time policy is configured.
+//!   clock that exists only when a time policy is configured. A protocol's own deadline and
+//!   timer (`Protocol::deadline`, `Protocol::timer`) share that timer, created on demand.
+//! - **Protocol control** (the general hooks fault injection is built on, Twisted-style):
+//!   `Transport::pause_reading` / `resume_reading` (`pauseProducing`), `close_for` /
+//!   `abort_for` with a loss reason, and `Protocol::write_pending` so a half-closed connection
+//!   waits for bytes a protocol still holds (a delay queue).
 //! - **Exactly-once accounting.** `active` goes up when the task is created and down when it is
 //!   dropped, and `lost{reason}` is counted on drop, as `panic` if the protocol panicked, so
 //!   the shared state stays right whatever happens. A task dropped unfinished without a panic
@@ -267,7 +272,10 @@ impl<S: ConnectionIo, P: Protocol> ConnectionTask<S, P> {
     }
 
     fn finish(&mut self, reason: LossReason) -> Poll<()> {
-        if matches!(reason, LossReason::Aborted | LossReason::MaxAgeGrace) {
+        if matches!(
+            reason,
+            LossReason::Aborted | LossReason::MaxAgeGrace | LossReason::FaultReset
+        ) {
             // An abort is a reset by definition: discard what is queued, send RST.
             self.stream.reset_on_close();
         }
@@ -392,13 +400,41 @@ impl<S: ConnectionIo, P: Protocol> Future for ConnectionTask<S, P> {
                 if Instant::now() >= at {
                     return this.finish(reason);
                 }
-                if this.timed.is_none() {
-                    let now = Instant::now();
-                    this.timed = Some(Box::new(Timed {
-                        clock: PolicyClock::bare(now),
-                        timer: Box::pin(tokio::time::sleep_until(now + FAR_FUTURE)),
-                    }));
+            }
+            // The protocol's own timer (`Protocol::timer`) shares the same Sleep.
+            let protocol_timer = this.protocol.timer();
+            if let Some(at) = protocol_timer {
+                let now = Instant::now();
+                if now >= at {
+                    this.protocol.timer_fired(&mut StreamTransport {
+                        stream: &mut this.stream,
+                        outbox: &mut this.outbox,
+                    });
+                    report_sent(&mut this.protocol, &mut this.outbox);
+                    if let Some(timed) = this.timed.as_deref_mut() {
+                        timed
+                            .clock
+                            .record_write_progress(now, !this.outbox.pending.is_empty());
+                    }
+                    debug_assert!(
+                        this.protocol.timer().is_none_or(|next| next > now),
+                        "Protocol::timer_fired left its timer due"
+                    );
+                    // It may have written, closed or resumed reading: another turn of the I/O.
+                    continue;
                 }
+            }
+            let protocol_wake = protocol_deadline
+                .map(|(at, _)| at)
+                .into_iter()
+                .chain(protocol_timer)
+                .min();
+            if protocol_wake.is_some() && this.timed.is_none() {
+                let now = Instant::now();
+                this.timed = Some(Box::new(Timed {
+                    clock: PolicyClock::bare(now),
+                    timer: Box::pin(tokio::time::sleep_until(now + FAR_FUTURE)),
+                }));
             }
             let Some(timed) = this.timed.as_deref_mut() else {
                 return Poll::Pending;
@@ -423,10 +459,7 @@ impl<S: ConnectionIo, P: Protocol> Future for ConnectionTask<S, P> {
                 // The floor only matters if the clock broke its rule: then it costs a wake-up
                 // per millisecond instead of a busy loop.
                 let floor = now + Duration::from_millis(1);
-                let next = next
-                    .into_iter()
-                    .chain(protocol_deadline.map(|(at, _)| at))
-                    .min();
+                let next = next.into_iter().chain(protocol_wake).min();
                 let timer = timed.timer.as_mut();
                 timer.reset(next.map_or(now + FAR_FUTURE, |at| at.max(floor)));
                 // Give the stream another turn: a refilled throttle may read, a max-age close
@@ -438,7 +471,7 @@ impl<S: ConnectionIo, P: Protocol> Future for ConnectionTask<S, P> {
                 .clock
                 .next_deadline(policies, closing)
                 .into_iter()
-                .chain(protocol_deadline.map(|(at, _)| at))
+                .chain(protocol_wake)
                 .min();
             let Some(deadline) = earliest else {
                 return Poll::Pending;
@@ -474,8 +507,8 @@ fn poll_io<S: ConnectionIo, P: Protocol>(
     settings: &ConnectionSettings,
 ) -> Poll<Step> {
     loop {
-        if outbox.closing == Closing::Abort {
-            return Poll::Ready(Step::Lost(LossReason::Aborted));
+        if let Closing::Abort(reason) = outbox.closing {
+            return Poll::Ready(Step::Lost(reason));
         }
         if let Some(err) = outbox.error.take() {
             return Poll::Ready(Step::Lost(LossReason::from_io_error(&err)));
@@ -510,7 +543,9 @@ fn poll_io<S: ConnectionIo, P: Protocol>(
         if outbox.pending.is_empty() {
             let finished = match outbox.closing {
                 Closing::Graceful(reason) => Some(Step::Linger(reason)),
-                _ if !*read_open => Some(Step::Lost(LossReason::PeerClosed)),
+                _ if !*read_open && !protocol.write_pending() => {
+                    Some(Step::Lost(LossReason::PeerClosed))
+                }
                 _ => None,
             };
             if let Some(step) = finished {
@@ -524,7 +559,12 @@ fn poll_io<S: ConnectionIo, P: Protocol>(
             .write_buffer_limit
             .saturating_sub(outbox.pending.len());
         let throttled = clock.as_deref().is_some_and(PolicyClock::read_paused);
-        if !*read_open || outbox.closing != Closing::No || room == 0 || throttled {
+        if !*read_open
+            || outbox.closing != Closing::No
+            || room == 0
+            || throttled
+            || outbox.read_paused
+        {
             return Poll::Pending;
         }
 

@@ -18,8 +18,8 @@ pub(super) enum Closing {
     No,
     /// Flush everything pending, send FIN, end with this reason.
     Graceful(LossReason),
-    /// Close now without flushing.
-    Abort,
+    /// Close now without flushing (RST), end with this reason.
+    Abort(LossReason),
 }
 
 /// What the protocol has asked of the stream, and what is waiting to be sent.
@@ -32,6 +32,8 @@ pub(super) struct Outbox {
     /// Bytes the stream took during the current protocol callback, reported to the protocol
     /// (`Protocol::bytes_sent`) once the callback returns.
     pub sent_in_callback: usize,
+    /// The protocol paused reading (`Transport::pause_reading`).
+    pub read_paused: bool,
 }
 
 impl Outbox {
@@ -41,6 +43,7 @@ impl Outbox {
             closing: Closing::No,
             error: None,
             sent_in_callback: 0,
+            read_paused: false,
         }
     }
 
@@ -86,13 +89,31 @@ impl<S: ConnectionIo> Transport for StreamTransport<'_, S> {
     }
 
     fn lose_connection(&mut self) {
-        if self.outbox.closing == Closing::No {
-            self.outbox.closing = Closing::Graceful(LossReason::Closed);
-        }
+        self.close_for(LossReason::Closed);
     }
 
     fn abort_connection(&mut self) {
-        self.outbox.closing = Closing::Abort;
+        self.abort_for(LossReason::Aborted);
+    }
+
+    fn pause_reading(&mut self) {
+        self.outbox.read_paused = true;
+    }
+
+    fn resume_reading(&mut self) {
+        self.outbox.read_paused = false;
+    }
+
+    fn close_for(&mut self, reason: LossReason) {
+        if self.outbox.closing == Closing::No {
+            self.outbox.closing = Closing::Graceful(reason);
+        }
+    }
+
+    fn abort_for(&mut self, reason: LossReason) {
+        if !matches!(self.outbox.closing, Closing::Abort(_)) {
+            self.outbox.closing = Closing::Abort(reason);
+        }
     }
 
     fn peer_addr(&self) -> SocketAddr {

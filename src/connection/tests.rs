@@ -464,3 +464,147 @@ async fn direct_writes_spend_the_cooperative_budget() {
     tokio::spawn(task);
     client.read_exact(&mut back).await.unwrap();
 }
+
+/// A protocol using the general hooks fault injection is built on: it holds reading paused
+/// until its timer fires `hold` after `connection_made`, then echoes every read `delay` later
+/// from a queue (`write_pending` while it holds bytes). `close` in the data closes with
+/// `fault_close`, `reset` aborts with `fault_reset`.
+struct Delayer {
+    seen: Arc<Seen>,
+    hold: Duration,
+    delay: Duration,
+    held_until: Option<Instant>,
+    queue: std::collections::VecDeque<(Instant, Vec<u8>)>,
+}
+
+impl Protocol for Delayer {
+    fn connection_made(&mut self, transport: &mut dyn Transport) {
+        transport.pause_reading();
+        self.held_until = Some(Instant::now() + self.hold);
+    }
+
+    fn data_received(&mut self, data: &[u8], transport: &mut dyn Transport) {
+        self.seen.reads.fetch_add(1, Ordering::Relaxed);
+        if data == b"close" {
+            transport.close_for(LossReason::FaultClose);
+        } else if data == b"reset" {
+            transport.abort_for(LossReason::FaultReset);
+        } else {
+            self.queue
+                .push_back((Instant::now() + self.delay, data.to_vec()));
+        }
+    }
+
+    fn timer(&self) -> Option<Instant> {
+        self.held_until
+            .into_iter()
+            .chain(self.queue.front().map(|(at, _)| *at))
+            .min()
+    }
+
+    fn timer_fired(&mut self, transport: &mut dyn Transport) {
+        let now = Instant::now();
+        if self.held_until.is_some_and(|at| at <= now) {
+            self.held_until = None;
+            transport.resume_reading();
+        }
+        while self.queue.front().is_some_and(|(at, _)| *at <= now) {
+            let (_, data) = self.queue.pop_front().expect("checked");
+            transport.write(&data);
+        }
+    }
+
+    fn write_pending(&self) -> bool {
+        !self.queue.is_empty()
+    }
+
+    fn connection_lost(&mut self, reason: LossReason) {
+        *self.seen.lost.lock().unwrap() = Some(reason);
+    }
+}
+
+fn start_delayer(settings: ConnectionSettings, hold: Duration, delay: Duration) -> Harness {
+    let shared = Arc::new(ConnectionShared::new(
+        settings,
+        Arc::new(ServiceState::new(None)),
+    ));
+    let seen = Arc::new(Seen::default());
+    let (io, client) = DuplexIo::pair(4096);
+    let protocol = Delayer {
+        seen: seen.clone(),
+        hold,
+        delay,
+        held_until: None,
+        queue: Default::default(),
+    };
+    let polls = Arc::new(AtomicUsize::new(0));
+    let task = tokio::spawn(Counted {
+        inner: ConnectionTask::new(io, protocol, CONN_ID, shared.clone()),
+        polls: polls.clone(),
+    });
+    Harness {
+        client,
+        shared,
+        seen,
+        polls,
+        task,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn paused_reading_holds_data_until_the_protocol_timer_resumes_it() {
+    let start = Instant::now();
+    let mut conn = start_delayer(ConnectionSettings::default(), ms(1000), ms(100));
+    conn.client.write_all(b"ping").await.unwrap();
+    tokio::time::sleep(ms(999)).await;
+    assert_eq!(
+        conn.seen.reads.load(Ordering::Relaxed),
+        0,
+        "read while paused"
+    );
+    let mut back = [0u8; 4];
+    conn.client.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"ping");
+    // Held 1 s, then echoed 100 ms after the read: exact under paused time.
+    assert_eq!(Instant::now() - start, ms(1100));
+    conn.round_trip(b"pong").await;
+    assert_eq!(Instant::now() - start, ms(1200));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_half_closed_connection_waits_for_the_protocols_pending_writes() {
+    let mut conn = start_delayer(ConnectionSettings::default(), ms(0), ms(500));
+    conn.client.write_all(b"late").await.unwrap();
+    conn.client.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    conn.client.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, b"late", "EOF came before the delayed echo");
+    conn.ended(LossReason::PeerClosed).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn close_for_and_abort_for_end_with_the_given_reason() {
+    let mut conn = start_delayer(ConnectionSettings::default(), ms(0), ms(10));
+    conn.round_trip(b"x").await;
+    conn.client.write_all(b"close").await.unwrap();
+    let mut client = conn.ended(LossReason::FaultClose).await;
+    assert_eq!(client.read(&mut [0; 8]).await.unwrap(), 0, "FIN");
+
+    let mut conn = start_delayer(ConnectionSettings::default(), ms(0), ms(10));
+    conn.client.write_all(b"reset").await.unwrap();
+    conn.ended(LossReason::FaultReset).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_idle_timeout_still_ends_a_connection_paused_for_good() {
+    let settings = ConnectionSettings {
+        idle_timeout: Some(Duration::from_secs(5)),
+        ..ConnectionSettings::default()
+    };
+    let start = Instant::now();
+    let mut conn = start_delayer(settings, Duration::from_secs(3600), ms(0));
+    conn.client.write_all(b"never read").await.unwrap();
+    let client = conn.ended(LossReason::IdleTimeout).await;
+    drop(client);
+    assert_eq!(Instant::now() - start, Duration::from_secs(5));
+}

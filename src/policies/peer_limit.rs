@@ -193,6 +193,18 @@ impl<P: Protocol> Protocol for PeerLimited<P> {
     fn deadline(&self) -> Option<(tokio::time::Instant, LossReason)> {
         self.inner.deadline()
     }
+
+    fn timer(&self) -> Option<tokio::time::Instant> {
+        self.inner.timer()
+    }
+
+    fn timer_fired(&mut self, transport: &mut dyn Transport) {
+        self.inner.timer_fired(transport);
+    }
+
+    fn write_pending(&self) -> bool {
+        self.inner.write_pending()
+    }
 }
 
 #[cfg(test)]

@@ -336,6 +336,30 @@ impl<P: Protocol> Protocol for ProxyProtocol<P> {
         }
     }
 
+    fn timer(&self) -> Option<Instant> {
+        match &self.phase {
+            Phase::Direct | Phase::Proxied(_) => self.inner.timer(),
+            _ => None,
+        }
+    }
+
+    fn timer_fired(&mut self, transport: &mut dyn Transport) {
+        match &self.phase {
+            Phase::Direct => self.inner.timer_fired(transport),
+            Phase::Proxied(proxied) => {
+                self.inner.timer_fired(&mut ProxiedTransport {
+                    inner: transport,
+                    proxied,
+                });
+            }
+            _ => {}
+        }
+    }
+
+    fn write_pending(&self) -> bool {
+        self.inner.write_pending()
+    }
+
     fn connection_lost(&mut self, reason: LossReason) {
         // A connection that closes before sending a byte (a TCP health check) attempted no
         // header: not counted, unless it was closed by the header timeout.
@@ -380,6 +404,26 @@ impl Transport for ProxiedTransport<'_> {
 
     fn abort_connection(&mut self) {
         self.inner.abort_connection();
+    }
+
+    fn close_for(&mut self, reason: LossReason) {
+        self.inner.close_for(reason);
+    }
+
+    fn pause_reading(&mut self) {
+        self.inner.pause_reading();
+    }
+
+    fn resume_reading(&mut self) {
+        self.inner.resume_reading();
+    }
+
+    fn abort_for(&mut self, reason: LossReason) {
+        self.inner.abort_for(reason);
+    }
+
+    fn fault(&self) -> Option<&'static str> {
+        self.inner.fault()
     }
 
     fn peer_addr(&self) -> SocketAddr {

@@ -124,6 +124,8 @@ pub struct ConnectionExtras {
     pub client: Option<std::net::SocketAddr>,
     /// `tls.*`: what the TLS handshake negotiated.
     pub tls: Option<TlsInfo>,
+    /// `echo.fault`: the fault injected into this connection.
+    pub fault: Option<&'static str>,
 }
 
 /// Builds connection spans with the exporting tracer.
@@ -167,6 +169,9 @@ impl ConnectionSpans {
             .unwrap_or(std::net::SocketAddr::new(c.peer_ip, c.peer_port));
         attributes.push(KeyValue::new("client.address", client.ip().to_string()));
         attributes.push(KeyValue::new("client.port", i64::from(client.port())));
+        if let Some(fault) = c.extras.and_then(|e| e.fault) {
+            attributes.push(KeyValue::new("echo.fault", fault));
+        }
         if let Some(tls) = c.extras.and_then(|e| e.tls.as_ref()) {
             attributes.extend([
                 KeyValue::new("tls.established", true),

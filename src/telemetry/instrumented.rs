@@ -148,11 +148,12 @@ impl<P: Protocol> Protocol for InstrumentedProtocol<P> {
     fn connection_made(&mut self, transport: &mut dyn Transport) {
         let client = transport.peer_addr();
         let proxied = client != SocketAddr::new(self.peer_ip, self.peer_port);
-        let tls = transport.tls();
-        if proxied || tls.is_some() {
+        let (tls, fault) = (transport.tls(), transport.fault());
+        if proxied || tls.is_some() || fault.is_some() {
             self.extras = Some(Box::new(ConnectionExtras {
                 client: proxied.then_some(client),
                 tls: tls.cloned(),
+                fault,
             }));
         }
         if tracing::enabled!(target: LIFECYCLE_LOG_TARGET, tracing::Level::DEBUG) {
@@ -192,6 +193,18 @@ impl<P: Protocol> Protocol for InstrumentedProtocol<P> {
 
     fn deadline(&self) -> Option<(tokio::time::Instant, LossReason)> {
         self.inner.deadline()
+    }
+
+    fn timer(&self) -> Option<tokio::time::Instant> {
+        self.inner.timer()
+    }
+
+    fn timer_fired(&mut self, transport: &mut dyn Transport) {
+        self.inner.timer_fired(transport);
+    }
+
+    fn write_pending(&self) -> bool {
+        self.inner.write_pending()
     }
 }
 

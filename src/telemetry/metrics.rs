@@ -13,6 +13,7 @@ use prometheus::{
     Registry,
 };
 
+use crate::faults::{FaultCounters, FaultKind};
 use crate::proxy_protocol::{ProxyResult, Version};
 use crate::state::ServiceState;
 
@@ -374,6 +375,31 @@ impl OtlpMetrics {
     }
 }
 
+/// Register `echo_faults_enabled{fault}` and `echo_faults_injected_total{fault}`, one child
+/// per [`FaultKind::LABELS`] entry, created up front; the fault layer updates them.
+fn register_faults(registry: &Registry) -> prometheus::Result<FaultCounters> {
+    let enabled = IntGaugeVec::new(
+        Opts::new(
+            "echo_faults_enabled",
+            "1 while a fault of this kind is configured (--fault or PUT /faults) with a probability above 0.",
+        ),
+        &["fault"],
+    )?;
+    let injected = IntCounterVec::new(
+        Opts::new(
+            "echo_faults_injected_total",
+            "Connections a fault of this kind was injected into.",
+        ),
+        &["fault"],
+    )?;
+    registry.register(Box::new(enabled.clone()))?;
+    registry.register(Box::new(injected.clone()))?;
+    Ok(FaultCounters {
+        enabled: FaultKind::LABELS.map(|fault| enabled.with_label_values(&[fault])),
+        injected: FaultKind::LABELS.map(|fault| injected.with_label_values(&[fault])),
+    })
+}
+
 /// The registry with everything in it, plus the handles the hot path needs.
 pub struct Metrics {
     registry: Registry,
@@ -389,6 +415,8 @@ pub struct Metrics {
     pub proxy: Arc<ProxyMetrics>,
     /// Handed to the span processor (all zero while export is off).
     pub otlp: Arc<OtlpMetrics>,
+    /// Handed to the fault layer.
+    pub faults: Arc<FaultCounters>,
 }
 
 impl Metrics {
@@ -451,7 +479,9 @@ impl Metrics {
         let datagrams = DatagramFamilies::register(&registry)?;
         let tls = TlsFamilies::register(&registry)?;
         let proxy = ProxyMetrics::register(&registry)?;
+        let faults = register_faults(&registry)?;
         Ok(Metrics {
+            faults: Arc::new(faults),
             registry,
             traffic: Arc::new(traffic),
             admin,

@@ -155,6 +155,28 @@ impl Transport for PlainTransport<'_> {
         self.outer.abort_connection();
     }
 
+    fn close_for(&mut self, reason: LossReason) {
+        self.session.send_close_notify();
+        self.cipher_written += flush(self.session, self.outer);
+        self.outer.close_for(reason);
+    }
+
+    fn pause_reading(&mut self) {
+        self.outer.pause_reading();
+    }
+
+    fn resume_reading(&mut self) {
+        self.outer.resume_reading();
+    }
+
+    fn abort_for(&mut self, reason: LossReason) {
+        self.outer.abort_for(reason);
+    }
+
+    fn fault(&self) -> Option<&'static str> {
+        self.outer.fault()
+    }
+
     fn peer_addr(&self) -> SocketAddr {
         self.outer.peer_addr()
     }
@@ -304,6 +326,23 @@ impl<P: Protocol> Protocol for TlsProtocol<P> {
             Phase::Handshaking => Some((self.handshake_deadline, LossReason::HandshakeTimeout)),
             _ => self.inner.deadline(),
         }
+    }
+
+    fn timer(&self) -> Option<Instant> {
+        match self.phase {
+            Phase::Established => self.inner.timer(),
+            _ => None,
+        }
+    }
+
+    fn timer_fired(&mut self, transport: &mut dyn Transport) {
+        if self.phase == Phase::Established {
+            self.with_inner(transport, |inner, plain| inner.timer_fired(plain));
+        }
+    }
+
+    fn write_pending(&self) -> bool {
+        self.phase == Phase::Established && self.inner.write_pending()
     }
 }
 

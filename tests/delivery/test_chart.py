@@ -17,6 +17,9 @@ import yaml
 
 from support import (
     CHART,
+    echo_service_binary,
+    free_port,
+    http_get,
     DASHBOARDS,
     CERT_MANAGER_VALUES,
     EVERYTHING_VALUES,
@@ -425,3 +428,99 @@ def test_admin_port_off_the_service_needs_podmonitor_and_no_helm_test():
     assert [p["name"] for p in echo_svc["spec"]["ports"]] == ["tcp-echo"] and admin_svc is None
     assert one(docs, "PodMonitor")["spec"]["podMetricsEndpoints"][0]["port"] == "admin"
     assert not [d for d in docs if d["kind"] == "Pod"]
+
+
+# --- fault injection (issue 10) ----------------------------------------------
+
+FAULT_VALUES = {
+    "faults": [
+        {"kind": "latency", "delay": "50ms", "jitter": "10ms"},
+        {"kind": "reset", "after_bytes": 1024, "probability": 0.5, "peers": ["10.0.0.0/8", "2001:db8::/32"]},
+        {"kind": "bandwidth", "bytes_per_second": 1048576},
+        {"kind": "accept_delay", "delay": "2s", "probability": 0.1},
+    ],
+    "faultSeed": 42,
+    "adminControl": {"enabled": True, "tokenSecret": {"name": "echo-admin-token", "key": "token"}},
+}
+
+
+def test_faults_and_admin_control_are_off_by_default(default_docs):
+    names = [e["name"] for e in container(one(default_docs, "Deployment")).get("env", [])]
+    for name in ("ECHO_FAULTS", "ECHO_FAULT_SEED", "ECHO_ADMIN_CONTROL", "ECHO_ADMIN_TOKEN"):
+        assert name not in names
+    assert "readyz/disable" not in render()["echo-service/templates/NOTES.txt"]
+
+
+def test_faults_render_as_echo_faults_specs_and_the_token_comes_from_a_secret():
+    rendered = render(FAULT_VALUES)
+    c = container(one(manifests(rendered), "Deployment"))
+    env = {e["name"]: e for e in c["env"]}
+    assert env["ECHO_FAULTS"]["value"] == (
+        "latency,delay=50ms,jitter=10ms;"
+        "reset,after-bytes=1024,peers=10.0.0.0/8|2001:db8::/32,probability=0.5;"
+        "bandwidth,bytes-per-second=1048576;"
+        "accept-delay,delay=2s,probability=0.1"
+    )
+    assert env["ECHO_FAULT_SEED"]["value"] == "42"
+    assert env["ECHO_ADMIN_CONTROL"]["value"] == "true"
+    assert env["ECHO_ADMIN_TOKEN"]["valueFrom"] == {
+        "secretKeyRef": {"name": "echo-admin-token", "key": "token"}
+    }
+    notes = rendered["echo-service/templates/NOTES.txt"]
+    assert "get secret echo-admin-token" in notes
+    assert "-H \"Authorization: Bearer $TOKEN\" -X PUT 127.0.0.1:9000/faults" in notes
+    assert "-X POST 127.0.0.1:9000/readyz/disable" in notes
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"faults": [{"kind": "teleport"}]}, "/faults/0/kind"),
+        ({"faults": [{"kind": "close", "after-bytes": 3}]}, "after-bytes"),
+        ({"faults": [{"kind": "latency", "delay": "50"}]}, "/faults/0/delay"),
+        ({"faults": [{"kind": "reset", "probability": 2}]}, "/faults/0/probability"),
+        ({"adminControl": {"enabeld": True}}, "enabeld"),
+    ],
+    ids=["kind", "kebab-key", "duration", "probability", "unknown-key"],
+)
+def test_schema_rejects_bad_faults(bad, message):
+    with helm_python.Chart.load(str(CHART)) as chart:
+        with pytest.raises(helm_python.HelmValuesError) as err:
+            chart.render(bad, name="echo", namespace="apps")
+    assert message in str(err.value)
+
+
+def test_the_real_binary_serves_the_rendered_faults():
+    """The rendered ECHO_FAULTS means to the service what the values say: GET /faults
+    returns every configured field."""
+    import subprocess
+    import time
+
+    c = container(one(manifests(render(FAULT_VALUES)), "Deployment"))
+    env = {e["name"]: e["value"] for e in c["env"] if e["name"] in ("ECHO_FAULTS", "ECHO_FAULT_SEED")}
+    admin = free_port()
+    proc = subprocess.Popen(
+        [str(echo_service_binary()), "--listen", "127.0.0.1:0", "--admin-listen", f"127.0.0.1:{admin}"],
+        env={"PATH": "/usr/bin:/bin", **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            try:
+                status, body = http_get(admin, "/faults")
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "service did not start"
+                time.sleep(0.05)
+        assert status == 200
+        served = json.loads(body)
+        assert len(served) == len(FAULT_VALUES["faults"])
+        for want, got in zip(FAULT_VALUES["faults"], served):
+            for key, value in want.items():
+                assert got[key] == value, (key, want, got)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

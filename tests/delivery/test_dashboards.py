@@ -573,3 +573,33 @@ def test_duration_histogram_covers_the_longest_max_age(scraped_prometheus):
     bounds = [float(m.group(1)) for k in metrics
               if (m := re.fullmatch(r'echo_connection_duration_seconds_bucket\{le="([^"]+)"\}', k)) and m.group(1) != "+Inf"]
     assert max(bounds) > 24 * 3600, sorted(bounds)
+
+
+# --- faults (issue 10) -------------------------------------------------------
+
+
+@pytest.mark.parametrize("metric", ["echo_faults_enabled", "echo_faults_injected_total"])
+def test_fault_metrics_have_a_panel_in_the_faults_row(metric):
+    panels = list(all_panels(DASHBOARD["panels"]))
+    rows = [p for p in panels if p["type"] == "row" and p["title"] == "Faults"]
+    assert len(rows) == 1
+    below = [p for p in panels if p["type"] != "row" and p["gridPos"]["y"] == rows[0]["gridPos"]["y"] + 1]
+    assert any(re.search(rf"\b{metric}\{{", t["expr"]) for p in below for t in p["targets"]), metric
+
+
+def test_fault_changes_annotation_query_runs(scraped_prometheus):
+    prom_port, _ = scraped_prometheus
+    annotations = [a for a in DASHBOARD["annotations"]["list"] if a.get("name") == "Fault changes"]
+    assert len(annotations) == 1
+    a = annotations[0]
+    assert a["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+    assert "echo_faults_enabled{" in a["expr"]
+    for variables in (SELECTED, grafana_all(prom_port)):
+        expr = substitute(a["expr"], variables)
+        res = prom_api(prom_port, "/api/v1/query", {"query": expr})
+        assert res.get("status") == "success", (expr, res)
+        # The operand is there for every fault kind (the query is empty only because nothing
+        # changed during the load).
+        operand = expr.rsplit(" > ", 1)[0]
+        res = prom_api(prom_port, "/api/v1/query", {"query": operand})
+        assert len(res["data"]["result"]) == 7, (operand, res)

@@ -6,6 +6,7 @@ mod bench_smoke;
 mod config;
 mod drain;
 mod echo;
+mod fault_injection;
 mod faults;
 mod hardening;
 mod identity;

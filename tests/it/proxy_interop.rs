@@ -19,13 +19,13 @@ use crate::policies::connect_from;
 use crate::support::{payload, require_tool, Service};
 
 /// A proxy process started by a test; stopped (TERM, then KILL) on drop.
-struct Proxy {
+pub(crate) struct Proxy {
     child: Child,
     dir: PathBuf,
 }
 
 impl Proxy {
-    fn start(mut command: Command, dir: PathBuf, listen: SocketAddr) -> Proxy {
+    pub(crate) fn start(mut command: Command, dir: PathBuf, listen: SocketAddr) -> Proxy {
         let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -67,7 +67,7 @@ impl Drop for Proxy {
     }
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -75,7 +75,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn temp_dir(name: &str) -> PathBuf {
+pub(crate) fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "echo-it-{name}-{}-{}",
         std::process::id(),
@@ -141,7 +141,7 @@ fn nginx(echo: SocketAddr) -> (Proxy, SocketAddr) {
 }
 
 /// Like `require_tool`, naming the apt packages to install.
-fn require_tool_or_apt(name: &str, packages: &str) -> String {
+pub(crate) fn require_tool_or_apt(name: &str, packages: &str) -> String {
     let found = ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
         .iter()
         .map(|dir| PathBuf::from(dir).join(name))

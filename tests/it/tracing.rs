@@ -72,7 +72,7 @@ fn wait_lost(service: &Service, reason: &str, count: usize) {
 }
 
 /// SIGTERM, wait for a successful exit, return how long the exit took after the signal.
-fn stop(service: &mut Service) -> Duration {
+pub(crate) fn stop(service: &mut Service) -> Duration {
     let (status, took) = service.terminate(Duration::from_secs(20));
     assert!(
         status.success(),
@@ -121,7 +121,7 @@ fn logged_export_on(service: &Service) -> bool {
         .any(|l| l.contains("exporting connection spans over OTLP"))
 }
 
-fn attr<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a Value> {
+pub(crate) fn attr<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a Value> {
     attrs
         .iter()
         .find(|kv| kv.key == key)
@@ -129,7 +129,7 @@ fn attr<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a Value> {
         .and_then(|v| v.value.as_ref())
 }
 
-fn describe(attrs: &[KeyValue]) -> String {
+pub(crate) fn describe(attrs: &[KeyValue]) -> String {
     attrs
         .iter()
         .map(|kv| {
@@ -143,7 +143,7 @@ fn describe(attrs: &[KeyValue]) -> String {
         .join(", ")
 }
 
-fn str_attr(attrs: &[KeyValue], key: &str) -> String {
+pub(crate) fn str_attr(attrs: &[KeyValue], key: &str) -> String {
     match attr(attrs, key) {
         Some(Value::StringValue(s)) => s.clone(),
         other => panic!(
@@ -175,7 +175,7 @@ fn double_attr(attrs: &[KeyValue], key: &str) -> f64 {
 
 /// The span whose `network.peer.port` is `port`, matched leniently (int or string) so that a
 /// wrongly typed port is reported by the type assertion rather than as "no span".
-fn span_for_port(spans: &[ReceivedSpan], port: u16) -> &ReceivedSpan {
+pub(crate) fn span_for_port(spans: &[ReceivedSpan], port: u16) -> &ReceivedSpan {
     let matches: Vec<&ReceivedSpan> = spans
         .iter()
         .filter(|s| match attr(&s.span.attributes, "network.peer.port") {

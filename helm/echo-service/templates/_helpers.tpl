@@ -211,3 +211,25 @@ writes when tls.certManager.enabled and no name is given.
 {{- fail "tls.enabled needs tls.secretName (an existing kubernetes.io/tls Secret) or tls.certManager.enabled" }}
 {{- end }}
 {{- end }}
+
+{{/*
+ECHO_FAULTS from .Values.faults: each entry's JSON fields as a `--fault` spec
+(kind and keys in kebab-case, peers joined with "|"), entries joined with ";".
+*/}}
+{{- define "echo-service.faultSpecs" -}}
+{{- $specs := list -}}
+{{- range .Values.faults -}}
+{{- $parts := list (.kind | replace "_" "-") -}}
+{{- range $key, $value := omit . "kind" -}}
+{{- if eq $key "peers" -}}
+{{- $parts = append $parts (printf "peers=%s" (join "|" $value)) -}}
+{{- else if and (kindIs "float64" $value) (eq (floor $value) $value) -}}
+{{- $parts = append $parts (printf "%s=%d" ($key | replace "_" "-") (int64 $value)) -}}
+{{- else -}}
+{{- $parts = append $parts (printf "%s=%v" ($key | replace "_" "-") $value) -}}
+{{- end -}}
+{{- end -}}
+{{- $specs = append $specs (join "," $parts) -}}
+{{- end -}}
+{{- join ";" $specs -}}
+{{- end -}}
