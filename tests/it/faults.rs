@@ -602,6 +602,8 @@ fn sigterm_under_load_from_fifty_clients_loses_no_bytes_and_exits_zero() {
 pub(crate) struct Netns {
     pub(crate) name: String,
     host_veth: String,
+    /// The namespace end of the veth pair.
+    ns_veth: String,
     /// The host end's address.
     host_ip: Ipv4Addr,
     /// The namespace end's address.
@@ -618,11 +620,12 @@ impl Netns {
         let netns = Netns {
             name: format!("echo-bh-{pid}"),
             host_veth: format!("ebh{pid}h"),
+            ns_veth: format!("ebh{pid}n"),
             host_ip: Ipv4Addr::new(10, 231, a, b + 1),
             ns_ip: Ipv4Addr::new(10, 231, a, b + 2),
         };
         netns.cleanup();
-        let ns_veth = format!("ebh{pid}n");
+        let ns_veth = netns.ns_veth.as_str();
         let ns = netns.name.as_str();
         let host_cidr = format!("{}/30", netns.host_ip);
         let ns_cidr = format!("{}/30", netns.ns_ip);
@@ -637,16 +640,25 @@ impl Netns {
                 "veth",
                 "peer",
                 "name",
-                &ns_veth,
+                ns_veth,
             ],
         );
-        run("ip", &["link", "set", &ns_veth, "netns", ns]);
+        run("ip", &["link", "set", ns_veth, "netns", ns]);
         run("ip", &["addr", "add", &host_cidr, "dev", &netns.host_veth]);
         run("ip", &["link", "set", &netns.host_veth, "up"]);
-        run("ip", &["-n", ns, "addr", "add", &ns_cidr, "dev", &ns_veth]);
-        run("ip", &["-n", ns, "link", "set", &ns_veth, "up"]);
+        run("ip", &["-n", ns, "addr", "add", &ns_cidr, "dev", ns_veth]);
+        run("ip", &["-n", ns, "link", "set", ns_veth, "up"]);
         run("ip", &["-n", ns, "link", "set", "lo", "up"]);
         netns
+    }
+
+    /// Shape what leaves the namespace with a `tc` root qdisc on its veth end (`qdisc` e.g.
+    /// `["tbf", "rate", "1mbit", ...]`).
+    pub(crate) fn shape_egress(&self, qdisc: &[&str]) {
+        let mut all = vec!["netns", "exec", &self.name, "tc", "qdisc", "add", "dev"];
+        all.extend_from_slice(&[self.ns_veth.as_str(), "root"]);
+        all.extend_from_slice(qdisc);
+        run("ip", &all);
     }
 
     /// Run `nft` inside the namespace with `args`.

@@ -10,29 +10,6 @@ use std::time::{Duration, Instant};
 
 use crate::support::{payload, require_tool, service_command, Service};
 
-/// The UDP addresses the service logged, in order.
-fn udp_addrs(service: &Service, expected: usize) -> Vec<SocketAddr> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let addrs: Vec<SocketAddr> = service
-            .logs
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.contains("UDP echo serving"))
-            .map(|l| {
-                let json: serde_json::Value = serde_json::from_str(l).unwrap();
-                json["fields"]["udp"].as_str().unwrap().parse().unwrap()
-            })
-            .collect();
-        if addrs.len() >= expected {
-            return addrs;
-        }
-        assert!(Instant::now() < deadline, "no UDP listener logged");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn echo_datagram(client: &UdpSocket, to: SocketAddr, data: &[u8]) {
     client.send_to(data, to).unwrap();
     let mut back = vec![0u8; 70_000];
@@ -44,7 +21,7 @@ fn echo_datagram(client: &UdpSocket, to: SocketAddr, data: &[u8]) {
 #[test]
 fn datagrams_of_every_size_come_back_exactly_over_ipv4_and_ipv6() {
     let service = Service::start(&["--udp-listen", "127.0.0.1:0,[::1]:0"]);
-    let addrs = udp_addrs(&service, 2);
+    let addrs = logged(&service, "UDP", 2);
     let v4 = UdpSocket::bind("127.0.0.1:0").unwrap();
     v4.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     for (i, size) in [0usize, 1, 1_472, 8_192, 65_507].into_iter().enumerate() {
@@ -78,7 +55,7 @@ fn python_and_socat_get_their_datagrams_back() {
     let python = require_tool("python3");
     let socat = require_tool("socat");
     let service = Service::start(&["--udp-listen", "127.0.0.1:0"]);
-    let addr = udp_addrs(&service, 1)[0];
+    let addr = logged(&service, "UDP", 1)[0];
     let script = r#"
 import os, socket, sys
 host, port = sys.argv[1], int(sys.argv[2])
@@ -123,92 +100,13 @@ print("ok")
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hello over socat\n");
 }
 
-fn run(program: &str, args: &[&str]) {
-    let out = Command::new(program).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A network namespace whose egress is shaped to 1 Mbit/s, deleted on drop.
-struct ShapedNetns {
-    name: String,
-    host_veth: String,
-    ns_ip: String,
-}
-
-impl ShapedNetns {
-    fn create() -> ShapedNetns {
-        require_tool("ip");
-        require_tool("tc");
-        let pid = std::process::id();
-        let (a, b) = (((pid / 64) % 256) as u8, ((pid % 64) * 4) as u8);
-        let netns = ShapedNetns {
-            name: format!("echo-udp-{pid}"),
-            host_veth: format!("eud{pid}h"),
-            ns_ip: format!("10.232.{a}.{}", b + 2),
-        };
-        netns.cleanup();
-        let ns_veth = format!("eud{pid}n");
-        let ns = netns.name.as_str();
-        run("ip", &["netns", "add", ns]);
-        run(
-            "ip",
-            &[
-                "link",
-                "add",
-                &netns.host_veth,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &ns_veth,
-            ],
-        );
-        run("ip", &["link", "set", &ns_veth, "netns", ns]);
-        let host_cidr = format!("10.232.{a}.{}/30", b + 1);
-        run("ip", &["addr", "add", &host_cidr, "dev", &netns.host_veth]);
-        run("ip", &["link", "set", &netns.host_veth, "up"]);
-        let ns_cidr = format!("{}/30", netns.ns_ip);
-        run("ip", &["-n", ns, "addr", "add", &ns_cidr, "dev", &ns_veth]);
-        run("ip", &["-n", ns, "link", "set", &ns_veth, "up"]);
-        run("ip", &["-n", ns, "link", "set", "lo", "up"]);
-        // Replies leave the namespace at 1 Mbit/s; the qdisc holds up to 50 MB, so the
-        // server's socket send buffer (not the qdisc) is what fills.
-        run(
-            "ip",
-            &[
-                "netns", "exec", ns, "tc", "qdisc", "add", "dev", &ns_veth, "root", "tbf", "rate",
-                "1mbit", "burst", "32kbit", "limit", "50mb",
-            ],
-        );
-        netns
-    }
-
-    fn cleanup(&self) {
-        for args in [
-            vec!["netns", "del", self.name.as_str()],
-            vec!["link", "del", self.host_veth.as_str()],
-        ] {
-            let _ = Command::new("ip")
-                .args(&args)
-                .stderr(Stdio::null())
-                .status();
-        }
-    }
-}
-
-impl Drop for ShapedNetns {
-    fn drop(&mut self) {
-        self.cleanup();
-    }
-}
-
 #[test]
 fn a_flood_the_server_cannot_answer_is_dropped_and_counted_with_flat_memory() {
-    let netns = ShapedNetns::create();
+    require_tool("tc");
+    let netns = crate::faults::Netns::create();
+    // Replies leave the namespace at 1 Mbit/s; the qdisc holds up to 50 MB, so the server's
+    // socket send buffer (not the qdisc) is what fills.
+    netns.shape_egress(&["tbf", "rate", "1mbit", "burst", "32kbit", "limit", "50mb"]);
     let listen = format!("{}:0", netns.ns_ip);
     let udp = format!("{}:7000", netns.ns_ip);
     let service = Service::spawn(service_command(
