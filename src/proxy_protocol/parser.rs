@@ -274,6 +274,11 @@ fn v1_addresses<'a>(
         return Err(ParseError::V1Malformed);
     };
     let ip = |text: &[u8]| -> Result<IpAddr, ParseError> {
+        if v6 {
+            if let Some(addr) = hex_ipv6(text) {
+                return Ok(IpAddr::V6(addr));
+            }
+        }
         let text = std::str::from_utf8(text).map_err(|_| ParseError::V1BadAddress)?;
         if v6 {
             text.parse::<Ipv6Addr>().map(IpAddr::V6)
@@ -287,6 +292,59 @@ fn v1_addresses<'a>(
         source: SocketAddr::new(ip(src)?, v1_port(sport)?),
         destination: SocketAddr::new(ip(dst)?, v1_port(dport)?),
     })
+}
+
+/// The common IPv6 text forms, hex groups with at most one `::`, parsed in one pass (std's
+/// general parser is most of a v1 TCP6 header's cost). `None` for anything else (an embedded
+/// IPv4 part, a malformed address): the caller then asks std, which decides.
+pub(crate) fn hex_ipv6(text: &[u8]) -> Option<Ipv6Addr> {
+    let mut head = [0u16; 8];
+    let mut tail = [0u16; 8];
+    let (mut heads, mut tails, mut gap) = (0usize, 0usize, false);
+    let mut rest = text;
+    if let Some(after) = rest.strip_prefix(b"::") {
+        gap = true;
+        rest = after;
+    }
+    while !rest.is_empty() {
+        let digits = rest
+            .iter()
+            .take(5)
+            .take_while(|b| b.is_ascii_hexdigit())
+            .count();
+        if digits == 0 || digits > 4 {
+            return None;
+        }
+        let group = rest[..digits].iter().fold(0u16, |acc, &b| {
+            acc << 4 | (b as char).to_digit(16).unwrap_or(0) as u16
+        });
+        if gap {
+            *tail.get_mut(tails)? = group;
+            tails += 1;
+        } else {
+            *head.get_mut(heads)? = group;
+            heads += 1;
+        }
+        rest = &rest[digits..];
+        match rest {
+            [] => break,
+            [b':', b':', after @ ..] if !gap => {
+                gap = true;
+                rest = after;
+            }
+            [b':', after @ ..] if !after.is_empty() => rest = after,
+            _ => return None,
+        }
+    }
+    match (gap, heads + tails) {
+        (false, 8) => {}
+        (true, n) if n <= 7 => {}
+        _ => return None,
+    }
+    let mut groups = [0u16; 8];
+    groups[..heads].copy_from_slice(&head[..heads]);
+    groups[8 - tails..].copy_from_slice(&tail[..tails]);
+    Some(Ipv6Addr::from(groups))
 }
 
 /// A decimal port without leading zeroes.

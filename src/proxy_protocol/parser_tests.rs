@@ -442,6 +442,22 @@ fn cases() -> u32 {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(cases()))]
 
+    /// The one-pass IPv6 reader agrees with std wherever it answers, on every address's
+    /// canonical text and on arbitrary strings of IPv6 characters.
+    #[test]
+    fn the_fast_ipv6_reader_agrees_with_std(bits in any::<u128>(), text in "[0-9a-fA-F:.]{0,45}") {
+        let addr = std::net::Ipv6Addr::from(bits);
+        let canonical = addr.to_string();
+        if !canonical.contains('.') {
+            prop_assert_eq!(hex_ipv6(canonical.as_bytes()), Some(addr));
+        }
+        let full = addr.segments().map(|g| format!("{g:x}")).join(":");
+        prop_assert_eq!(hex_ipv6(full.as_bytes()), Some(addr));
+        if let Some(fast) = hex_ipv6(text.as_bytes()) {
+            prop_assert_eq!(Some(fast), text.parse::<std::net::Ipv6Addr>().ok(), "{}", text);
+        }
+    }
+
     /// Any bytes: no panic, and never a request to buffer more than the cap.
     #[test]
     fn arbitrary_bytes_never_panic_nor_exceed_the_cap(
