@@ -92,24 +92,31 @@ fn each_invalid_setting_is_named_in_a_one_line_error() {
             "OTEL_EXPORTER_OTLP_PROTOCOL",
         ),
     ];
-    for (args, env, named) in cases {
-        let (code, stderr) = run(args, env);
-        assert_ne!(code, 0, "{args:?} {env:?} should fail");
-        let stderr = stderr.trim();
-        assert!(
-            stderr.contains(named),
-            "{args:?} {env:?}: error does not name {named}: {stderr:?}"
-        );
-        assert_eq!(
-            stderr.lines().count(),
-            1,
-            "{args:?}: not one line: {stderr:?}"
-        );
+    for case in cases {
+        let (code, stderr) = one_line_naming(case);
+        assert_ne!(code, 0, "{case:?} should fail");
         assert!(
             !stderr.contains("panicked") && !stderr.contains("backtrace"),
             "{stderr}"
         );
     }
+}
+
+/// Run a bad setting; its error must be one line that names the setting. Returns the exit
+/// code and that line.
+fn one_line_naming((args, env, named): &BadSetting) -> (i32, String) {
+    let (code, stderr) = run(args, env);
+    let stderr = stderr.trim().to_owned();
+    assert!(
+        stderr.contains(named),
+        "{args:?} {env:?}: error does not name {named}: {stderr:?}"
+    );
+    assert_eq!(
+        stderr.lines().count(),
+        1,
+        "{args:?}: not one line: {stderr:?}"
+    );
+    (code, stderr)
 }
 
 #[test]
@@ -198,19 +205,9 @@ fn strict_settings_exit_2_naming_the_setting() {
             "OTEL_EXPORTER_OTLP_PROTOCOL",
         ),
     ];
-    for (args, env, named) in cases {
-        let (code, stderr) = run(args, env);
-        let stderr = stderr.trim();
-        assert_eq!(code, 2, "{args:?} {env:?}: exit {code}: {stderr}");
-        assert!(
-            stderr.contains(named),
-            "{args:?}: does not name {named}: {stderr:?}"
-        );
-        assert_eq!(
-            stderr.lines().count(),
-            1,
-            "{args:?}: not one line: {stderr:?}"
-        );
+    for case in cases {
+        let (code, stderr) = one_line_naming(case);
+        assert_eq!(code, 2, "{case:?}: exit {code}: {stderr}");
     }
 }
 
