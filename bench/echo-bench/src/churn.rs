@@ -10,7 +10,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
@@ -101,15 +100,7 @@ pub async fn run(
         }));
     }
 
-    let mut connections = 0u64;
-    let mut latency: Histogram<u64> = run::latency_histogram();
-    for t in tasks {
-        let (done, hist) = t.await.map_err(|e| format!("churn task failed: {e}"))?;
-        connections += done;
-        latency
-            .add(&hist)
-            .map_err(|e| format!("merging histograms: {e}"))?;
-    }
+    let (connections, latency) = run::gather(tasks, "churn").await?;
     let cpu = match cpu {
         Some(h) => Some(h.await.map_err(|e| format!("server sampler failed: {e}"))?),
         None => None,

@@ -158,6 +158,23 @@ pub async fn server_cpu_over_window(server: Server, clock: Clock) -> Result<Dura
 }
 
 /// A histogram of nanoseconds from 1 ns to 60 s at 3 significant digits.
+/// Waits for per-task (operations counted, latency histogram) results and sums them.
+pub async fn gather(
+    tasks: Vec<tokio::task::JoinHandle<(u64, Histogram<u64>)>>,
+    what: &str,
+) -> Result<(u64, Histogram<u64>), String> {
+    let mut total = 0u64;
+    let mut latency = latency_histogram();
+    for t in tasks {
+        let (done, hist) = t.await.map_err(|e| format!("{what} task failed: {e}"))?;
+        total += done;
+        latency
+            .add(&hist)
+            .map_err(|e| format!("merging histograms: {e}"))?;
+    }
+    Ok((total, latency))
+}
+
 pub fn latency_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("static histogram bounds are valid")
 }

@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 use tokio::net::UdpSocket;
 use tokio::time::Instant;
@@ -104,15 +103,7 @@ pub async fn run(
             (done, hist)
         }));
     }
-    let mut datagrams = 0u64;
-    let mut latency: Histogram<u64> = run::latency_histogram();
-    for t in tasks {
-        let (done, hist) = t.await.map_err(|e| format!("udp task failed: {e}"))?;
-        datagrams += done;
-        latency
-            .add(&hist)
-            .map_err(|e| format!("merging histograms: {e}"))?;
-    }
+    let (datagrams, latency) = run::gather(tasks, "udp").await?;
     let cpu = match cpu {
         Some(h) => Some(h.await.map_err(|e| format!("server sampler failed: {e}"))?),
         None => None,
