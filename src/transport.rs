@@ -48,8 +48,17 @@ pub trait Transport {
     /// writes go on. Wrapping transports forward it.
     fn pause_reading(&mut self) {}
 
-    /// Read from the peer again after [`Transport::pause_reading`].
+    /// Read from the peer again after [`Transport::pause_reading`] or
+    /// [`Transport::stop_reading`].
     fn resume_reading(&mut self) {}
+
+    /// Stop reading for good (a black hole): like [`Transport::pause_reading`], but the
+    /// peer's close or reset, noticed without reading, ends the connection
+    /// (`connection_lost(PeerClosed)` or the reset), where a paused connection keeps a
+    /// half-closed peer's FIN for when it reads again. Wrapping transports forward it.
+    fn stop_reading(&mut self) {
+        self.pause_reading();
+    }
 
     /// [`Transport::lose_connection`] with the loss reason to report (flush, FIN, then
     /// `connection_lost(reason)`). The default closes with [`LossReason::Closed`].
@@ -96,6 +105,7 @@ pub struct MemoryTransport {
     disconnecting: bool,
     aborted: bool,
     read_paused: bool,
+    read_stopped: bool,
     close_reason: Option<LossReason>,
     peer: SocketAddr,
     local: SocketAddr,
@@ -117,6 +127,7 @@ impl MemoryTransport {
             disconnecting: false,
             aborted: false,
             read_paused: false,
+            read_stopped: false,
             close_reason: None,
             peer,
             local,
@@ -143,9 +154,14 @@ impl MemoryTransport {
         self.aborted
     }
 
-    /// Is reading paused ([`Transport::pause_reading`])?
+    /// Is reading paused ([`Transport::pause_reading`] or [`Transport::stop_reading`])?
     pub fn is_read_paused(&self) -> bool {
         self.read_paused
+    }
+
+    /// Is reading stopped for good ([`Transport::stop_reading`])?
+    pub fn is_read_stopped(&self) -> bool {
+        self.read_stopped
     }
 
     /// The reason the protocol closed or aborted with, if it did.
@@ -183,6 +199,12 @@ impl Transport for MemoryTransport {
 
     fn resume_reading(&mut self) {
         self.read_paused = false;
+        self.read_stopped = false;
+    }
+
+    fn stop_reading(&mut self) {
+        self.read_paused = true;
+        self.read_stopped = true;
     }
 
     fn close_for(&mut self, reason: LossReason) {

@@ -1,8 +1,9 @@
 //! What the connection driver needs from a byte stream: [`ConnectionIo`].
 //!
-//! The driver reads and waits through `AsyncRead` / `AsyncWrite`, and needs four things more:
+//! The driver reads and waits through `AsyncRead` / `AsyncWrite`, and needs five things more:
 //! a write that never waits (so a ping-pong reply goes out during `data_received` without a
-//! copy), the two addresses, a half-close (FIN) and a reset on close. TCP implements them with
+//! copy), the two addresses, a half-close (FIN), a reset on close, and a way to notice the
+//! peer leaving while the protocol does not read (a blackhole). TCP implements them with
 //! socket calls; a TLS stream will with its record layer; [`DuplexIo`] implements them over
 //! `tokio::io::duplex` so the driver is unit-tested without sockets, with paused time.
 
@@ -12,7 +13,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
+use rustix::event::{PollFd, PollFlags};
+use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
 /// A byte stream the connection driver can run a protocol over.
@@ -33,6 +35,11 @@ pub trait ConnectionIo: AsyncRead + AsyncWrite + Send + Unpin + 'static {
 
     /// Make the coming close a reset (RST) that discards whatever is still queued.
     fn reset_on_close(&mut self);
+
+    /// Ready once the peer has closed its side (`Ok`) or reset the connection (`Err`), found
+    /// without reading: how a connection whose protocol paused reading still ends when its
+    /// peer goes. Pending otherwise, with a waker registered for the next change.
+    fn poll_peer_gone(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
 }
 
 impl ConnectionIo for TcpStream {
@@ -54,6 +61,34 @@ impl ConnectionIo for TcpStream {
 
     fn reset_on_close(&mut self) {
         let _ = socket2::SockRef::from(&*self).set_linger(Some(Duration::ZERO));
+    }
+
+    /// The socket turns read-ready for data and for the peer's FIN or RST alike; a `poll(2)`
+    /// of the socket for `POLLRDHUP` (which reads nothing) tells them apart. Readiness for
+    /// mere data is then cleared, so the next wake-up is the next arrival or the hang-up (the
+    /// closed state, once tokio has seen it, is never cleared).
+    fn poll_peer_gone(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            if let Err(e) = std::task::ready!(self.poll_read_ready(cx)) {
+                return Poll::Ready(Err(e));
+            }
+            let mut fds = [PollFd::new(&*self, PollFlags::RDHUP)];
+            if rustix::event::poll(&mut fds, 0).is_ok() {
+                let events = fds[0].revents();
+                if events.intersects(PollFlags::ERR | PollFlags::HUP) {
+                    let error = self.take_error().ok().flatten();
+                    return Poll::Ready(Err(
+                        error.unwrap_or_else(|| io::ErrorKind::ConnectionReset.into())
+                    ));
+                }
+                if events.contains(PollFlags::RDHUP) {
+                    return Poll::Ready(Ok(()));
+                }
+            }
+            let _ = self.try_io(Interest::READABLE, || {
+                Err::<(), _>(io::ErrorKind::WouldBlock.into())
+            });
+        }
     }
 }
 
@@ -134,4 +169,10 @@ impl ConnectionIo for DuplexIo {
 
     /// A pipe has no reset: its peer sees the close as EOF.
     fn reset_on_close(&mut self) {}
+
+    /// A pipe cannot tell its peer's close without reading: never (the black-box tests cover
+    /// TCP's).
+    fn poll_peer_gone(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Pending
+    }
 }

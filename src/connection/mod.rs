@@ -559,6 +559,15 @@ fn poll_io<S: ConnectionIo, P: Protocol>(
             .write_buffer_limit
             .saturating_sub(outbox.pending.len());
         let throttled = clock.as_deref().is_some_and(PolicyClock::read_paused);
+        if outbox.read_stopped && *read_open && outbox.closing == Closing::No {
+            // Never reading again, but still ending when the peer goes (a blackhole would
+            // otherwise hold the connection until the idle timeout).
+            return match stream.poll_peer_gone(cx) {
+                Poll::Ready(Ok(())) => Poll::Ready(Step::Lost(LossReason::PeerClosed)),
+                Poll::Ready(Err(e)) => Poll::Ready(Step::Lost(LossReason::from_io_error(&e))),
+                Poll::Pending => Poll::Pending,
+            };
+        }
         if !*read_open
             || outbox.closing != Closing::No
             || room == 0

@@ -34,6 +34,8 @@ pub(super) struct Outbox {
     pub sent_in_callback: usize,
     /// The protocol paused reading (`Transport::pause_reading`).
     pub read_paused: bool,
+    /// ... for good (`Transport::stop_reading`): the driver watches for the peer leaving.
+    pub read_stopped: bool,
 }
 
 impl Outbox {
@@ -44,6 +46,7 @@ impl Outbox {
             error: None,
             sent_in_callback: 0,
             read_paused: false,
+            read_stopped: false,
         }
     }
 
@@ -102,6 +105,12 @@ impl<S: ConnectionIo> Transport for StreamTransport<'_, S> {
 
     fn resume_reading(&mut self) {
         self.outbox.read_paused = false;
+        self.outbox.read_stopped = false;
+    }
+
+    fn stop_reading(&mut self) {
+        self.outbox.read_paused = true;
+        self.outbox.read_stopped = true;
     }
 
     fn close_for(&mut self, reason: LossReason) {

@@ -6,10 +6,12 @@
 //!
 //! The fault is chosen at `connection_made` (after any PROXY header, so `peers` sees the
 //! original client) and applied with:
-//! - `pause_reading` / `resume_reading`: `accept_delay` (paused until its timer), `blackhole`
-//!   (paused for good), `latency` (paused while its queue holds `--write-buffer-limit` bytes),
+//! - `pause_reading` / `resume_reading`: `accept_delay` (paused until its timer), `latency`
+//!   (paused while its queue holds `--write-buffer-limit` bytes),
 //!   `bandwidth` (paused while the read throttle, the same token bucket as
 //!   `--throttle-bytes-per-second`, is in debt);
+//! - `stop_reading`: `blackhole` (never reads again; the driver still ends the connection when
+//!   the peer closes or resets it);
 //! - the protocol timer (`Protocol::timer`): the accept delay, each delayed chunk's release,
 //!   `after` durations, the throttle's refill;
 //! - `close_for(fault_close)` / `abort_for(fault_reset)`: `refuse`, `close`, `reset`.
@@ -142,7 +144,7 @@ impl Active {
                 transport.pause_reading();
                 self.hold_until = Some(now + self.spec.delay);
             }
-            FaultKind::Blackhole => transport.pause_reading(),
+            FaultKind::Blackhole => transport.stop_reading(),
             FaultKind::Refuse => transport.close_for(LossReason::FaultClose),
             FaultKind::Reset if self.end_at.is_none() && self.bytes_left.is_none() => {
                 transport.abort_for(LossReason::FaultReset);
@@ -292,6 +294,10 @@ impl Transport for FaultTransport<'_> {
         self.outer.resume_reading();
     }
 
+    fn stop_reading(&mut self) {
+        self.outer.stop_reading();
+    }
+
     /// A graceful close waits for the latency queue: the delayed bytes are still the
     /// protocol's writes, and a graceful close sends everything written first.
     fn close_for(&mut self, reason: LossReason) {
@@ -434,6 +440,20 @@ mod tests {
             id: 1,
             peer: "127.0.0.1:40000".parse().unwrap(),
             local: "127.0.0.1:8000".parse().unwrap(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_blackhole_stops_reading_for_good_where_an_accept_delay_only_pauses() {
+        for (spec, stopped) in [("blackhole", true), ("accept-delay,delay=1s", false)] {
+            let (faults, _) = factory(spec, 1000);
+            let mut protocol = faults.build_protocol(&conn()).unwrap();
+            let mut transport = MemoryTransport::new();
+            protocol.connection_made(&mut transport);
+            assert!(transport.is_read_paused(), "{spec}");
+            // Stopped: the peer's close ends it. Only paused: a half-closed client still
+            // waits for its echo.
+            assert_eq!(transport.is_read_stopped(), stopped, "{spec}");
         }
     }
 

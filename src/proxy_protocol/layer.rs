@@ -418,6 +418,10 @@ impl Transport for ProxiedTransport<'_> {
         self.inner.resume_reading();
     }
 
+    fn stop_reading(&mut self) {
+        self.inner.stop_reading();
+    }
+
     fn abort_for(&mut self, reason: LossReason) {
         self.inner.abort_for(reason);
     }

@@ -169,6 +169,10 @@ impl Transport for PlainTransport<'_> {
         self.outer.resume_reading();
     }
 
+    fn stop_reading(&mut self) {
+        self.outer.stop_reading();
+    }
+
     fn abort_for(&mut self, reason: LossReason) {
         self.outer.abort_for(reason);
     }

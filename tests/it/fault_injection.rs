@@ -95,6 +95,25 @@ fn accept_delay_holds_the_first_echo_at_least_the_delay() {
     });
 }
 
+/// A client that sends, half-closes and waits for its echo still gets it after the delay: the
+/// delay pauses reading, and a paused connection keeps the peer's FIN for when it reads again.
+#[test]
+fn accept_delay_still_echoes_a_half_closed_client() {
+    let service = Service::start(&["--fault", "accept-delay,delay=300ms"]);
+    let mut stream = service.connect();
+    stream.write_all(b"sent before the FIN").unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut echoed = Vec::new();
+    stream.read_to_end(&mut echoed).unwrap();
+    assert_eq!(echoed, b"sent before the FIN");
+    service.wait_metrics("peer_closed after the echo", |m| {
+        m.get(&lost("peer_closed")) == 1.0
+    });
+}
+
 #[test]
 fn latency_delays_each_chunk_and_keeps_a_10_mib_stream_whole_and_in_order() {
     let service = Service::start(&["--fault", "latency,delay=200ms,jitter=50ms"]);
@@ -289,6 +308,46 @@ fn blackhole_blocks_the_clients_writes_and_echoes_nothing_until_the_idle_timeout
     });
     assert!(start.elapsed() >= Duration::from_secs(3));
     assert_eq!(service.metrics().get(&injected("blackhole")), 1.0);
+}
+
+/// A black hole never reads, yet its connection ends when the peer leaves, long before the
+/// idle timeout: a close (FIN, even with unread data queued at the server) and a reset.
+#[test]
+fn blackhole_ends_when_the_peer_closes_or_resets() {
+    let service = Service::start(&["--fault", "blackhole", "--idle-timeout", "1h"]);
+    let start = Instant::now();
+    let mut closer = service.connect();
+    closer.write_all(&[b'x'; 4096]).unwrap();
+    service.wait_metrics("the blackhole holds it", |m| {
+        m.get("echo_connections_active") == 1.0
+    });
+    drop(closer);
+    service.wait_metrics("the peer's close ends it", |m| {
+        m.get(&lost("peer_closed")) == 1.0 && m.get("echo_connections_active") == 0.0
+    });
+    eprintln!(
+        "MEASURED blackhole: ended {:?} after the client's close",
+        start.elapsed()
+    );
+
+    let resetter = service.connect();
+    socket2::SockRef::from(&resetter)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    service.wait_metrics("the blackhole holds it", |m| {
+        m.get("echo_connections_active") == 1.0
+    });
+    drop(resetter); // RST
+    service.wait_metrics("the peer's reset ends it", |m| {
+        m.get(&lost("reset")) == 1.0 && m.get("echo_connections_active") == 0.0
+    });
+    let metrics = service.metrics();
+    assert_eq!(
+        metrics.get("echo_received_bytes_total"),
+        0.0,
+        "the server read"
+    );
+    assert_eq!(metrics.get(&injected("blackhole")), 2.0);
 }
 
 #[test]
