@@ -1,5 +1,6 @@
 //! The PROXY protocol with real proxies in front of the real binary: HAProxy (`send-proxy`,
-//! `send-proxy-v2` with CRC32C and unique-id TLVs) and nginx's stream module
+//! `send-proxy-v2` with CRC32C and unique-id TLVs, `send-proxy-v2-ssl-cn` with the cipher and
+//! certificate sub-TLVs behind its own TLS termination) and nginx's stream module
 //! (`proxy_protocol on`), each started by the test on loopback with its configuration in a
 //! temporary directory. Clients connect from 127.0.0.2/127.0.0.3 so the original client differs
 //! from the proxy's own address (127.0.0.1): payloads come back byte-exact, the spans show the
@@ -85,19 +86,47 @@ pub(crate) fn temp_dir(name: &str) -> PathBuf {
     dir
 }
 
-/// HAProxy with one frontend per `send-proxy` flavour: returns the proxy and the frontends.
+/// HAProxy with one frontend per `send-proxy` flavour: `(server options, an extra frontend
+/// line)` each. Returns the proxy and the frontends.
 fn haproxy(echo: SocketAddr, servers: &[(&str, &str)]) -> (Proxy, Vec<SocketAddr>) {
+    let fronts: Vec<Front> = servers
+        .iter()
+        .map(|&(server, extra)| Front {
+            server,
+            bind: "",
+            extra,
+        })
+        .collect();
+    haproxy_fronts(echo, &fronts)
+}
+
+/// One HAProxy frontend and its backend's server line.
+struct Front<'a> {
+    /// The server line's options (`send-proxy-v2 ...`).
+    server: &'a str,
+    /// Options for the frontend's bind line (`ssl crt ...`).
+    bind: &'a str,
+    /// One more frontend line.
+    extra: &'a str,
+}
+
+fn haproxy_fronts(echo: SocketAddr, servers: &[Front]) -> (Proxy, Vec<SocketAddr>) {
     let bin = require_tool_or_apt("haproxy", "haproxy");
     let dir = temp_dir("haproxy");
     let mut config = String::from(
         "global\n  maxconn 200\ndefaults\n  mode tcp\n  timeout connect 2s\n  timeout client 20s\n  timeout server 20s\n",
     );
     let mut fronts = Vec::new();
-    for (i, (options, extra)) in servers.iter().enumerate() {
+    for (i, front) in servers.iter().enumerate() {
         let port = free_port();
         fronts.push(SocketAddr::from(([127, 0, 0, 1], port)));
+        let Front {
+            server,
+            bind,
+            extra,
+        } = front;
         config += &format!(
-            "frontend fe{i}\n  bind 127.0.0.1:{port}\n  {extra}\n  default_backend be{i}\nbackend be{i}\n  server echo {echo} {options}\n"
+            "frontend fe{i}\n  bind 127.0.0.1:{port} {bind}\n  {extra}\n  default_backend be{i}\nbackend be{i}\n  server echo {echo} {server}\n"
         );
     }
     let path = dir.join("haproxy.cfg");
@@ -462,4 +491,97 @@ fn proxy_interop_spread_report_over_three_replicas_behind_haproxy_round_robin() 
         }
         assert_eq!(report["chi_square"]["even"], true, "{report}");
     }
+}
+
+/// HAProxy terminates TLS (with a client certificate, `verify optional`) and passes what it
+/// negotiated in the v2 header's SSL TLV (`send-proxy-v2-ssl-cn` and the `ssl-cipher`,
+/// `cert-sig`, `cert-key` sub-TLVs): the identity port, where the service answers with the
+/// header it read, shows the TLS version, cipher, the client certificate's CN and algorithms,
+/// and the client bits as HAProxy saw them.
+#[test]
+fn proxy_interop_haproxy_send_proxy_v2_ssl_cn_after_its_own_tls_termination() {
+    let pki = crate::tls::pki("ecdsa");
+    // HAProxy's `crt` wants the certificate and its key in one file.
+    let combined = pki.path("haproxy.pem");
+    let mut pem = std::fs::read(pki.path("server.pem")).unwrap();
+    pem.extend(std::fs::read(pki.path("server.key")).unwrap());
+    std::fs::write(&combined, pem).unwrap();
+
+    let service = Service::start(&[
+        "--identity-listen",
+        "127.0.0.1:0",
+        "--proxy-protocol",
+        "required",
+        "--proxy-protocol-trusted",
+        "127.0.0.1/32",
+    ]);
+    let identity = crate::identity::identity_addr(&service);
+    let bind = format!(
+        "ssl crt {combined} ca-file {} verify optional",
+        pki.path("ca.pem")
+    );
+    let (_haproxy, fronts) = haproxy_fronts(
+        identity,
+        &[Front {
+            server: "send-proxy-v2-ssl-cn proxy-v2-options ssl-cipher,cert-sig,cert-key",
+            bind: &bind,
+            extra: "",
+        }],
+    );
+
+    let ask = |client_cert: bool| -> serde_json::Value {
+        let front = fronts[0].to_string();
+        let (cert, key) = (pki.path("client.pem"), pki.path("client.key"));
+        let mut args = vec![
+            "s_client", "-connect", &front, "-quiet", "-ign_eof", "-tls1_3",
+        ];
+        if client_cert {
+            args.extend(["-cert", &cert, "-key", &key]);
+        }
+        let out = Command::new(require_tool("openssl"))
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with('{'))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no identity line through HAProxy's TLS: {stdout} {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            });
+        serde_json::from_str(line).unwrap()
+    };
+
+    let id = ask(true);
+    assert_eq!(id["proxy"]["version"], "v2", "{id}");
+    let ssl = &id["proxy"]["tlvs"]["ssl"];
+    assert_eq!(ssl["version"], "TLSv1.3", "{id}");
+    assert!(
+        ssl["cipher"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("TLS_")),
+        "{id}"
+    );
+    assert_eq!(ssl["cn"], "client", "{id}");
+    // The client certificate: an ECDSA P-256 key, signed by the ECDSA test CA.
+    assert_eq!(ssl["key_alg"], "EC256", "{id}");
+    assert_eq!(ssl["sig_alg"], "ecdsa-with-SHA256", "{id}");
+    // PP2_CLIENT_SSL (0x01) | PP2_CLIENT_CERT_CONN (0x02) | PP2_CLIENT_CERT_SESS (0x04);
+    // verify 0: HAProxy verified the certificate.
+    assert_eq!(ssl["client"], 0x07, "{id}");
+    assert_eq!(ssl["verify"], 0, "{id}");
+    assert_eq!(id["client"]["address"], "127.0.0.1", "{id}");
+
+    let id = ask(false);
+    let ssl = &id["proxy"]["tlvs"]["ssl"];
+    assert_eq!(ssl["client"], 0x01, "TLS without a certificate: {id}");
+    assert!(ssl["cn"].is_null(), "{id}");
+    assert_eq!(ssl["version"], "TLSv1.3", "{id}");
+    service.wait_metrics("two v2 headers read", |m| {
+        m.get("echo_proxy_headers_total{result=\"ok\",version=\"v2\"}") == 2.0
+    });
 }

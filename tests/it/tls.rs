@@ -17,7 +17,7 @@ use crate::otlp_receiver::OtlpReceiver;
 use crate::support::{connect, require_tool, Service};
 
 /// A temporary directory, removed on drop.
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(PathBuf);
 
 impl TempDir {
     fn new(tag: &str) -> TempDir {
@@ -31,7 +31,7 @@ impl TempDir {
         TempDir(dir)
     }
 
-    fn path(&self, name: &str) -> String {
+    pub(crate) fn path(&self, name: &str) -> String {
         self.0.join(name).to_string_lossy().into_owned()
     }
 }
@@ -42,7 +42,7 @@ impl Drop for TempDir {
     }
 }
 
-fn openssl(args: &[&str]) {
+pub(crate) fn openssl(args: &[&str]) {
     let out = Command::new(require_tool("openssl"))
         .args(args)
         .output()
@@ -106,7 +106,7 @@ fn make_cert(dir: &TempDir, name: &str, subject: &str, kind: &str, ca: Option<&s
 
 /// A CA, a server certificate of `kind` signed by it, a client certificate, and a rogue CA
 /// with its own client certificate.
-fn pki(kind: &str) -> TempDir {
+pub(crate) fn pki(kind: &str) -> TempDir {
     let dir = TempDir::new(kind);
     make_cert(&dir, "ca", "/CN=Echo Test CA", "ecdsa", None, "30");
     make_cert(&dir, "server", "/CN=localhost", kind, Some("ca"), "30");
