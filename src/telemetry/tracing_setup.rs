@@ -24,7 +24,7 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::KeyValue;
 use opentelemetry_sdk::trace::{SdkTracerProvider, SpanExporter as _};
 use opentelemetry_sdk::Resource;
-use tracing_subscriber::filter::{EnvFilter, FilterExt};
+use tracing_subscriber::filter::{FilterExt, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
@@ -124,7 +124,7 @@ pub fn init_tracing(
     otel: OtelSettings,
     metrics: Arc<OtlpMetrics>,
 ) -> Result<TracingGuard, TracingSetupError> {
-    let filter = EnvFilter::builder().parse(log_filter).map_err(|err| {
+    let filter: Targets = log_filter.parse().map_err(|err| {
         TracingSetupError(format!(
             "invalid value '{log_filter}' for '--log-level': {err}"
         ))
