@@ -58,6 +58,9 @@ CLIENT_BOUND_CORES = 0.9
 SERVERS = [
     {"name": "echo-service", "label": "echo-service (telemetry on)"},
     {"name": "echo-service-noexport", "label": "echo-service (export off)", "idle_only": True},
+    # The last release's binary (--release-bin, built by `make bench` from BENCH_RELEASE_REF),
+    # telemetry on, in RELEASE_SCENARIOS only: "within 2% of the last release" targets.
+    {"name": "echo-service-release", "label": "echo-service last release (telemetry on)"},
     {"name": "echo-service-proxy", "label": "echo-service (PROXY optional)", "proxy_only": True},
     # TLS and UDP servers run only in the scenarios that list them (the TLS and UDP ones).
     {"name": "echo-service-tls", "label": "echo-service TLS (telemetry on)", "proxy_only": True},
@@ -68,6 +71,10 @@ SERVERS = [
     {"name": "tokio-64k", "label": "tokio 64 KiB + NODELAY"},
     {"name": "twisted", "label": "Twisted"},
 ]
+
+
+# Where the last release runs: the plain TCP scenarios its targets are about.
+RELEASE_SCENARIOS = {"pp-64x100", "bulk-1", "idle-10k"}
 
 
 def scenarios(args, idle_cap):
@@ -314,7 +321,9 @@ class Suite:
         env = {k: v for k, v in os.environ.items()
                if not (k.startswith("OTEL_") or k.startswith("ECHO_"))}
         if name.startswith("echo-service"):
-            argv = [os.path.join(self.bin, "echo-service"), "--listen", addr,
+            binary = self.args.release_bin if name == "echo-service-release" \
+                else os.path.join(self.bin, "echo-service")
+            argv = [binary, "--listen", addr,
                     "--admin-listen", f"127.0.0.1:{free_port()}", "--shutdown-timeout", "1s"]
             if name == "echo-service-proxy":
                 argv += ["--proxy-protocol", "optional"]
@@ -325,7 +334,8 @@ class Suite:
             if name == "echo-service-udp":
                 argv[2] = f"127.0.0.1:{free_port()}"
                 argv += ["--udp-listen", addr]
-            if name in ("echo-service", "echo-service-proxy", "echo-service-tls"):
+            if name in ("echo-service", "echo-service-proxy", "echo-service-tls",
+                        "echo-service-release"):
                 env.update({
                     "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{self.sink_port}",
                     "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
@@ -453,6 +463,14 @@ def fmt(v):
     return f"{v:.2f}"
 
 
+def best_of(results, scenario, server, path):
+    """The lowest value over rounds (for CPU figures: the least disturbed round)."""
+    vals = [get(r, path) for r in results
+            if r["scenario"] == scenario and r["server_name"] == server and "error" not in r]
+    vals = [v for v in vals if v is not None]
+    return min(vals) if vals else None
+
+
 def ratio(a, b):
     return f"{a / b:.2f}x" if a is not None and b else "-"
 
@@ -506,6 +524,21 @@ def targets(results, scen):
     a, b = m("churn-proxy-v2", "echo-service-proxy", "conns_per_s"), m("churn", es, "conns_per_s")
     check("churn, v2 PROXY header on every connection (optional): conns/s >= 0.95x PROXY off",
           a and b and a / b, 0.95, lambda v, l: v >= l)
+    # Features off cost nothing: the plain TCP paths against the last release's binary. CPU
+    # per message also by the quietest round of each (the least disturbed, see bench/README).
+    rel = "echo-service-release"
+    a, b = m("pp-64x100", es, cpu), m("pp-64x100", rel, cpu)
+    check("64 B x 100, PROXY/faults/TLS/UDP off: server CPU/msg <= 1.02x last release (median)",
+          a and b and a / b, 1.02, lambda v, l: v <= l)
+    a, b = best_of(results, "pp-64x100", es, cpu), best_of(results, "pp-64x100", rel, cpu)
+    check("64 B x 100, PROXY/faults/TLS/UDP off: server CPU/msg <= 1.02x last release "
+          "(quietest round of each)", a and b and a / b, 1.02, lambda v, l: v <= l)
+    a, b = m("idle-10k", es, "server.rss_per_conn_kib"), m("idle-10k", rel, "server.rss_per_conn_kib")
+    check("idle 10k: RSS/conn <= 1.02x last release", a and b and a / b, 1.02,
+          lambda v, l: v <= l)
+    a, b = m("bulk-1", es, "mb_per_s"), m("bulk-1", rel, "mb_per_s")
+    check("bulk, TLS/UDP off: MB/s >= 0.98x last release", a and b and a / b, 0.98,
+          lambda v, l: v >= l)
     n = scen["idle-50k"]["connections"]
     held = m("idle-50k", es, "held")
     check(f"idle {n // 1000}k: all {n} held", held, n, lambda v, l: v >= l)
@@ -525,6 +558,9 @@ def markdown(args, meta, results, scen, sink):
         f"{args.duration}s measured; idle: {args.idle_settle}s settle, {args.idle_hold}s hold. "
         f"Server on CPU {SERVER_CPU}, client on CPU {CLIENT_CPU}. {meta['cpus']} CPUs, "
         f"kernel {meta['kernel']}, commit {meta['commit']}.")
+    if meta.get("release_ref"):
+        lines += ["", f"The last release is commit {meta['release_ref']} (built by `make bench`), "
+                  f"run in {', '.join(sorted(RELEASE_SCENARIOS))} with its own defaults."]
     if meta.get("idle_cap_note"):
         lines += ["", meta["idle_cap_note"]]
     lines += ["", "Ratios are echo-service (telemetry on) / baseline; for idle rows the "
@@ -605,6 +641,10 @@ def main():
     p.add_argument("--quiet-budget", type=float, default=180.0,
                    help="most seconds the whole suite spends waiting for other load to drop")
     p.add_argument("--scenarios", default="all", help="comma-separated subset")
+    p.add_argument("--release-bin", default=None,
+                   help="the last release's echo-service binary (make bench builds it from "
+                        "BENCH_RELEASE_REF); without it that server is left out")
+    p.add_argument("--release-ref", default="unknown", help="the git ref --release-bin is from")
     p.add_argument("--servers", default="all",
                    help="comma-separated subset; listed servers run in every scenario "
                         "(echo-service-noexport otherwise only in the idle ones)")
@@ -617,6 +657,10 @@ def main():
     args.servers_explicit = args.servers != "all"
     args.servers = [s["name"] for s in SERVERS] if args.servers == "all" \
         else args.servers.split(",")
+    if not args.release_bin:
+        args.servers = [s for s in args.servers if s != "echo-service-release"]
+    elif not os.access(args.release_bin, os.X_OK):
+        p.error(f"--release-bin {args.release_bin} is not an executable")
     unknown = set(args.servers) - {s["name"] for s in SERVERS}
     if unknown:
         p.error(f"unknown servers {sorted(unknown)}")
@@ -656,7 +700,8 @@ def main():
                             capture_output=True, text=True).stdout.strip() or "unknown"
     meta = {"meta": True, "stamp": args.stamp, "rounds": args.rounds, "commit": commit,
             "cpus": os.cpu_count(), "kernel": platform.release(), "nofile_hard": hard,
-            "duration_s": args.duration, "warmup_s": args.warmup}
+            "duration_s": args.duration, "warmup_s": args.warmup,
+            "release_ref": args.release_ref if args.release_bin else None}
     if idle_cap < 50_000:
         meta["idle_cap_note"] = (
             f"**idle-50k ran with {idle_cap} connections**: RLIMIT_NOFILE's hard limit here is "
@@ -678,6 +723,9 @@ def main():
                     sc = scen[sname]
                     for srv in SERVERS:
                         if srv["name"] not in args.servers:
+                            continue
+                        if srv["name"] == "echo-service-release" \
+                                and sname not in RELEASE_SCENARIOS:
                             continue
                         if srv.get("idle_only") and not (sc.get("idle") or sc.get("with_noexport")) \
                                 and not args.servers_explicit:
