@@ -496,8 +496,9 @@ fn proxy_interop_spread_report_over_three_replicas_behind_haproxy_round_robin() 
 /// HAProxy terminates TLS (with a client certificate, `verify optional`) and passes what it
 /// negotiated in the v2 header's SSL TLV (`send-proxy-v2-ssl-cn` and the `ssl-cipher`,
 /// `cert-sig`, `cert-key` sub-TLVs): the identity port, where the service answers with the
-/// header it read, shows the TLS version, cipher, the client certificate's CN and algorithms,
-/// and the client bits as HAProxy saw them.
+/// header it read, shows the original client (127.0.0.2 and its port), the TLS version,
+/// cipher, the client certificate's CN and algorithms, and the client bits as HAProxy saw
+/// them; 200 kB through the same termination to the echo port come back byte-exact.
 #[test]
 fn proxy_interop_haproxy_send_proxy_v2_ssl_cn_after_its_own_tls_termination() {
     let pki = crate::tls::pki("ecdsa");
@@ -528,36 +529,77 @@ fn proxy_interop_haproxy_send_proxy_v2_ssl_cn_after_its_own_tls_termination() {
             extra: "",
         }],
     );
+    let (_haproxy_echo, echo_fronts) = haproxy_fronts(
+        service.echo,
+        &[Front {
+            server: "send-proxy-v2-ssl-cn",
+            bind: &bind,
+            extra: "",
+        }],
+    );
+    let fronts = [fronts[0], echo_fronts[0]];
 
-    let ask = |client_cert: bool| -> serde_json::Value {
-        let front = fronts[0].to_string();
-        let (cert, key) = (pki.path("client.pem"), pki.path("client.key"));
-        let mut args = vec![
-            "s_client", "-connect", &front, "-quiet", "-ign_eof", "-tls1_3",
-        ];
-        if client_cert {
-            args.extend(["-cert", &cert, "-key", &key]);
-        }
-        let out = Command::new(require_tool("openssl"))
-            .args(&args)
-            .stdin(Stdio::null())
+    // Python's ssl, from 127.0.0.2 so the original client differs from HAProxy (127.0.0.1):
+    // sends `send` bytes and reads until EOF; prints the answer, then the local port.
+    let ask = |front: SocketAddr, client_cert: bool, send: usize| -> (Vec<u8>, u16) {
+        let cert = if client_cert {
+            format!(
+                "({:?}, {:?})",
+                pki.path("client.pem"),
+                pki.path("client.key")
+            )
+        } else {
+            "None".into()
+        };
+        let script = format!(
+            r#"
+import socket, ssl, sys
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.load_verify_locations({ca:?})
+ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+cert = {cert}
+if cert: ctx.load_cert_chain(*cert)
+raw = socket.create_connection(("127.0.0.1", {port}), timeout=10, source_address=("127.0.0.2", 0))
+tls = ctx.wrap_socket(raw, server_hostname="localhost")
+payload = bytes(i % 251 for i in range({send}))
+tls.sendall(payload)
+answer = b""
+while len(answer) < {send} or {send} == 0:
+    chunk = tls.recv(65536)
+    if not chunk:
+        break
+    answer += chunk
+sys.stdout.buffer.write(answer + b"\n" + str(tls.getsockname()[1]).encode())
+"#,
+            ca = pki.path("ca.pem"),
+            port = front.port(),
+        );
+        let out = Command::new(require_tool("python3"))
+            .arg("-c")
+            .arg(&script)
             .output()
             .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let line = stdout
-            .lines()
-            .find(|l| l.starts_with('{'))
-            .unwrap_or_else(|| {
-                panic!(
-                    "no identity line through HAProxy's TLS: {stdout} {}",
-                    String::from_utf8_lossy(&out.stderr)
-                )
-            });
-        serde_json::from_str(line).unwrap()
+        assert!(
+            out.status.success(),
+            "TLS client through HAProxy: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let split = out.stdout.iter().rposition(|&b| b == b'\n').unwrap();
+        let port = String::from_utf8_lossy(&out.stdout[split + 1..])
+            .parse()
+            .unwrap();
+        (out.stdout[..split].to_vec(), port)
+    };
+    let identity_of = |client_cert: bool| -> (serde_json::Value, u16) {
+        let (answer, port) = ask(fronts[0], client_cert, 0);
+        (serde_json::from_slice(&answer).unwrap(), port)
     };
 
-    let id = ask(true);
+    let (id, port) = identity_of(true);
     assert_eq!(id["proxy"]["version"], "v2", "{id}");
+    assert_eq!(id["client"]["address"], "127.0.0.2", "{id}");
+    assert_eq!(id["client"]["port"], port, "{id}");
+    assert_eq!(id["peer"]["address"], "127.0.0.1", "{id}");
     let ssl = &id["proxy"]["tlvs"]["ssl"];
     assert_eq!(ssl["version"], "TLSv1.3", "{id}");
     assert!(
@@ -574,14 +616,18 @@ fn proxy_interop_haproxy_send_proxy_v2_ssl_cn_after_its_own_tls_termination() {
     // verify 0: HAProxy verified the certificate.
     assert_eq!(ssl["client"], 0x07, "{id}");
     assert_eq!(ssl["verify"], 0, "{id}");
-    assert_eq!(id["client"]["address"], "127.0.0.1", "{id}");
 
-    let id = ask(false);
+    let (id, _) = identity_of(false);
     let ssl = &id["proxy"]["tlvs"]["ssl"];
     assert_eq!(ssl["client"], 0x01, "TLS without a certificate: {id}");
     assert!(ssl["cn"].is_null(), "{id}");
     assert_eq!(ssl["version"], "TLSv1.3", "{id}");
-    service.wait_metrics("two v2 headers read", |m| {
-        m.get("echo_proxy_headers_total{result=\"ok\",version=\"v2\"}") == 2.0
+
+    // The echo port through the same TLS termination: byte-exact.
+    let expected: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let (echoed, _) = ask(fronts[1], true, expected.len());
+    assert!(echoed == expected, "{} bytes back", echoed.len());
+    service.wait_metrics("three v2 headers read", |m| {
+        m.get("echo_proxy_headers_total{result=\"ok\",version=\"v2\"}") == 3.0
     });
 }
