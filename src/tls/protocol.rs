@@ -365,6 +365,8 @@ impl<P: Protocol> TlsProtocol<P> {
     /// Feed `data` to rustls and run what it yields: the handshake, then the wrapped protocol
     /// on the plaintext. The records this produces stay with rustls (the caller flushes).
     fn receive(&mut self, data: &[u8], transport: &mut dyn Transport) {
+        // Zeroed once per read, not once per record (a 64 KiB read holds four).
+        let mut plaintext = [0u8; 16 * 1024];
         let mut rest = data;
         while !rest.is_empty() && self.phase != Phase::Done {
             let Some(session) = self.session.as_deref_mut() else {
@@ -393,22 +395,21 @@ impl<P: Protocol> TlsProtocol<P> {
             }
             // rustls reads at most 4 KiB per `read_tls`: most rounds complete no record.
             if state.plaintext_bytes_to_read() > 0 || state.peer_has_closed() {
-                self.deliver_plaintext(transport);
+                self.deliver_plaintext(&mut plaintext, transport);
             }
         }
     }
 
     /// Pass every decrypted byte to the wrapped protocol; answer a `close_notify` with ours.
-    fn deliver_plaintext(&mut self, transport: &mut dyn Transport) {
+    fn deliver_plaintext(&mut self, buffer: &mut [u8], transport: &mut dyn Transport) {
         if self.phase != Phase::Established {
             return;
         }
-        let mut buffer = [0u8; 16 * 1024];
         loop {
             let Some(session) = self.session.as_deref_mut() else {
                 return;
             };
-            match session.reader().read(&mut buffer) {
+            match session.reader().read(buffer) {
                 Ok(0) => {
                     // close_notify: everything before it was delivered (and echoed); answer
                     // with ours. The peer's FIN ends the connection.
