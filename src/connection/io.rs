@@ -2,7 +2,7 @@
 //!
 //! The driver reads and waits through `AsyncRead` / `AsyncWrite`, and needs four things more:
 //! a write that never waits (so a ping-pong reply goes out during `data_received` without a
-//! copy), the two addresses, a half-close (FIN) and a reset on close. TCP implements them with
+//! copy; plain and vectored, for the TLS layer's records), the two addresses, a half-close (FIN) and a reset on close. TCP implements them with
 //! socket calls; a TLS stream will with its record layer; [`DuplexIo`] implements them over
 //! `tokio::io::duplex` so the driver is unit-tested without sockets, with paused time.
 
