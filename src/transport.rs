@@ -5,6 +5,7 @@
 //! [`MemoryTransport`] here records everything instead, like Twisted's `StringTransport`, so
 //! protocol logic is tested without a network.
 
+use std::io::IoSlice;
 use std::net::SocketAddr;
 
 use crate::protocol::LossReason;
@@ -17,6 +18,17 @@ pub trait Transport {
     /// more than it reads (echo) never exceeds the limit; one that writes more can. Writes after
     /// `lose_connection`, `abort_connection` or a socket error are dropped.
     fn write(&mut self, data: &[u8]);
+
+    /// [`Transport::write`] of each buffer in turn, as one write: the socket transport sends
+    /// them with one `writev` (one system call and, with `TCP_NODELAY`, as few packets as
+    /// their total size needs, rather than a packet per buffer). The TLS layer hands its
+    /// records over this way. The default writes them one by one; wrapping transports that
+    /// only forward writes forward this too.
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) {
+        for buf in bufs {
+            self.write(buf);
+        }
+    }
 
     /// Close after everything written so far has been sent (FIN, not RST).
     fn lose_connection(&mut self);

@@ -1,13 +1,14 @@
 //! What the connection driver needs from a byte stream: [`ConnectionIo`].
 //!
-//! The driver reads and waits through `AsyncRead` / `AsyncWrite`, and needs five things more:
+//! The driver reads and waits through `AsyncRead` / `AsyncWrite`, and needs six things more:
 //! a write that never waits (so a ping-pong reply goes out during `data_received` without a
-//! copy), the two addresses, a half-close (FIN), a reset on close, and a way to notice the
-//! peer leaving while the protocol does not read (a blackhole). TCP implements them with
+//! copy; plain and vectored, for the TLS layer's records), the two addresses, a half-close
+//! (FIN), a reset on close, and a way to notice the peer leaving while the protocol does not
+//! read (a blackhole). TCP implements them with
 //! socket calls; a TLS stream will with its record layer; [`DuplexIo`] implements them over
 //! `tokio::io::duplex` so the driver is unit-tested without sockets, with paused time.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
@@ -22,6 +23,10 @@ pub trait ConnectionIo: AsyncRead + AsyncWrite + Send + Unpin + 'static {
     /// Write as much of `data` as the stream takes right now, or fail with `WouldBlock`; never
     /// waits and registers no waker (the driver waits with `poll_write` for what is left).
     fn try_write(&mut self, data: &[u8]) -> io::Result<usize>;
+
+    /// [`ConnectionIo::try_write`] of several buffers in order, in one go (`writev`): returns
+    /// how many bytes of their concatenation the stream took.
+    fn try_write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
 
     /// The remote end.
     fn peer_addr(&self) -> io::Result<SocketAddr>;
@@ -45,6 +50,10 @@ pub trait ConnectionIo: AsyncRead + AsyncWrite + Send + Unpin + 'static {
 impl ConnectionIo for TcpStream {
     fn try_write(&mut self, data: &[u8]) -> io::Result<usize> {
         TcpStream::try_write(self, data)
+    }
+
+    fn try_write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        TcpStream::try_write_vectored(self, bufs)
     }
 
     fn peer_addr(&self) -> io::Result<SocketAddr> {
@@ -149,6 +158,14 @@ impl ConnectionIo for DuplexIo {
     fn try_write(&mut self, data: &[u8]) -> io::Result<usize> {
         let mut cx = Context::from_waker(Waker::noop());
         match Pin::new(&mut self.stream).poll_write(&mut cx, data) {
+            Poll::Ready(result) => result,
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+
+    fn try_write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        let mut cx = Context::from_waker(Waker::noop());
+        match Pin::new(&mut self.stream).poll_write_vectored(&mut cx, bufs) {
             Poll::Ready(result) => result,
             Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
         }

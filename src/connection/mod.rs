@@ -12,7 +12,8 @@
 //! - **No read buffer while idle.** Reads go into one buffer per worker thread, handed to
 //!   `data_received` by reference; an idle connection owns no buffer at all.
 //! - **Writes go straight to the stream.** `Transport::write` tries the stream first and only
-//!   buffers what it would not take, so a ping-pong exchange copies nothing. Such a write
+//!   buffers what it would not take, so a ping-pong exchange copies nothing
+//!   (`Transport::write_vectored` does the same with one `writev`). Such a write
 //!   spends tokio's cooperative budget like a `poll_write` would, so a busy connection yields
 //!   its worker as often as a plain tokio echo does.
 //! - **Backpressure.** Buffered outgoing bytes are capped by `--write-buffer-limit`: each read is

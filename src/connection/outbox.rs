@@ -2,7 +2,7 @@
 //! over the stream, and [`Outbox`] holds what it could not send yet and how the protocol asked
 //! to close.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 
 use bytes::BytesMut;
@@ -88,6 +88,36 @@ impl<S: ConnectionIo> Transport for StreamTransport<'_, S> {
         }
         if !rest.is_empty() {
             outbox.pending.extend_from_slice(rest);
+        }
+    }
+
+    /// One `writev` when nothing is pending (the socket keeps their order), and what it did
+    /// not take is buffered exactly as [`Transport::write`] buffers: the same backpressure.
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) {
+        let outbox = &mut *self.outbox;
+        if outbox.closing != Closing::No || outbox.error.is_some() {
+            return;
+        }
+        let mut taken = 0;
+        if outbox.pending.is_empty() && bufs.iter().any(|buf| !buf.is_empty()) {
+            match self.stream.try_write_vectored(bufs) {
+                Ok(n) => {
+                    outbox.sent_in_callback += n;
+                    taken = n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    outbox.error = Some(e);
+                    return;
+                }
+            }
+        }
+        for buf in bufs {
+            let skip = taken.min(buf.len());
+            taken -= skip;
+            if skip < buf.len() {
+                outbox.pending.extend_from_slice(&buf[skip..]);
+            }
         }
     }
 

@@ -608,3 +608,58 @@ async fn the_idle_timeout_still_ends_a_connection_paused_for_good() {
     drop(client);
     assert_eq!(Instant::now() - start, Duration::from_secs(5));
 }
+
+/// Echo through [`Transport::write_vectored`], each read split in uneven buffers (one empty).
+struct VectoredEcho;
+
+impl Protocol for VectoredEcho {
+    fn data_received(&mut self, data: &[u8], transport: &mut dyn Transport) {
+        let (head, rest) = data.split_at(data.len().min(1));
+        let (middle, tail) = rest.split_at(rest.len() / 3);
+        transport.write_vectored(&[
+            std::io::IoSlice::new(head),
+            std::io::IoSlice::new(&[]),
+            std::io::IoSlice::new(middle),
+            std::io::IoSlice::new(tail),
+        ]);
+    }
+}
+
+/// A vectored write over a pipe far smaller than the data: the stream takes part of the
+/// buffers, the driver buffers the rest, later writes queue behind it, and the peer gets
+/// every byte in order (and the write buffer limit still stops reading while it is full).
+#[tokio::test]
+async fn vectored_writes_keep_their_order_through_partial_writes_and_the_buffer() {
+    let settings = ConnectionSettings {
+        write_buffer_limit: 8 * 1024,
+        ..ConnectionSettings::default()
+    };
+    let shared = Arc::new(ConnectionShared::new(
+        settings,
+        Arc::new(ServiceState::new(None)),
+    ));
+    let (io, client) = DuplexIo::pair(1000);
+    let task = tokio::spawn(ConnectionTask::new(
+        io,
+        VectoredEcho,
+        CONN_ID,
+        shared.clone(),
+    ));
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let (mut reader, mut writer) = tokio::io::split(client);
+    let sent = data.clone();
+    let send = tokio::spawn(async move {
+        writer.write_all(&sent).await.unwrap();
+        writer.shutdown().await.unwrap();
+    });
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), reader.read_to_end(&mut back))
+        .await
+        .expect("the vectored echo stalled")
+        .unwrap();
+    send.await.unwrap();
+    task.await.unwrap();
+    assert_eq!(back.len(), data.len());
+    assert!(back == data, "the echo came back reordered or corrupted");
+    assert_eq!(shared.state.stats.lost(LossReason::PeerClosed).get(), 1);
+}

@@ -398,6 +398,10 @@ impl Transport for ProxiedTransport<'_> {
         self.inner.write(data);
     }
 
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) {
+        self.inner.write_vectored(bufs);
+    }
+
     fn lose_connection(&mut self) {
         self.inner.lose_connection();
     }

@@ -7,11 +7,16 @@
 //! - `store.rs`: the current configuration, re-read when the files change (Secret rotation).
 //! - `protocol.rs`: [`TlsFactory`] / [`TlsProtocol`], the wrapping layer.
 //! - `x509.rs`: the certificate fields the service reports (validity, subject).
+//! - `tests.rs`: the layer against an in-memory rustls client (what reaches the driver, and in
+//!   how many writes).
 
 mod protocol;
 mod settings;
 mod store;
 mod x509;
+
+#[cfg(test)]
+mod tests;
 
 pub use protocol::{TlsFactory, TlsProtocol};
 pub use settings::{ClientAuth, TlsSettings};

@@ -4,16 +4,20 @@
 //!
 //! - The wrapped protocol's `connection_made` runs once the handshake is complete; its
 //!   transport reports the negotiated parameters ([`Transport::tls`]).
-//! - Writes are encrypted at once and handed to the driver, so the driver's write buffer limit
-//!   (and its backpressure) applies to TLS connections exactly as to plain ones; rustls holds
-//!   no plaintext beyond the record being built.
+//! - Writes are encrypted at once; the records of one callback (a whole read's worth of echo)
+//!   are handed to the driver together at its end, in one vectored write, so a 64 KiB read
+//!   costs one `writev` and a few large packets rather than a `send` and a packet per 16 KiB
+//!   record (on loopback the sender's CPU pays for the receiver's side too, so packets are
+//!   most of the kernel's cost). rustls holds at most [`RECORD_BATCH_LIMIT`] of ciphertext
+//!   within one callback and none after it, so the driver's write buffer limit (and its
+//!   backpressure) applies to TLS connections exactly as to plain ones.
 //! - A `close_notify` from the peer is answered with ours after everything before it was
 //!   echoed; the peer's FIN then ends the connection as usual (half-close through TLS).
 //! - A failed handshake sends rustls's alert, closes the connection and is counted by cause in
 //!   `echo_tls_handshakes_total{result}`. One not complete by `--tls-handshake-timeout` is
 //!   ended by the driver through [`Protocol::deadline`] (`lost{reason="handshake_timeout"}`).
 
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -45,7 +49,10 @@ impl<F: Factory> Factory for TlsFactory<F> {
 
     fn build_protocol(&self, conn: &ConnectionInfo) -> Result<Self::Protocol, Refusal> {
         let inner = self.inner.build_protocol(conn)?;
-        let session = ServerConnection::new(self.store.config());
+        let session = ServerConnection::new(self.store.config()).map(|mut session| {
+            session.set_buffer_limit(Some(RECORD_BATCH_LIMIT));
+            session
+        });
         Ok(TlsProtocol {
             inner,
             handshake_deadline: Instant::now() + self.store.settings().handshake_timeout,
@@ -66,6 +73,14 @@ impl<F: Factory> Factory for TlsFactory<F> {
         self.inner.stop_factory();
     }
 }
+
+/// Most ciphertext rustls may hold for one connection before it is handed to the driver
+/// (rustls's `set_buffer_limit`). Records are batched within a callback up to this much: it
+/// fits every record of a 64 KiB read (the default `--read-buffer-size`) with their overhead,
+/// so an echoed read goes out as one vectored write; a callback that writes more is handed
+/// over in batches of this size (give or take one record's header and tag: rustls checks the
+/// plaintext it takes against the room left).
+pub(crate) const RECORD_BATCH_LIMIT: usize = 128 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -106,6 +121,14 @@ impl Write for ToTransport<'_> {
         Ok(buf.len())
     }
 
+    /// rustls hands every pending record at once: one vectored write to the driver.
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.transport.write_vectored(bufs);
+        let n = bufs.iter().map(|buf| buf.len()).sum::<usize>();
+        self.written += n as u64;
+        Ok(n)
+    }
+
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
@@ -125,7 +148,9 @@ fn flush(session: &mut ServerConnection, transport: &mut dyn Transport) -> u64 {
     out.written
 }
 
-/// The transport the wrapped protocol sees: plaintext in, records out.
+/// The transport the wrapped protocol sees: plaintext in, records out. Records stay with
+/// rustls until the callback ends (or [`RECORD_BATCH_LIMIT`] is reached), then go to the
+/// driver together.
 struct PlainTransport<'a> {
     session: &'a mut ServerConnection,
     outer: &'a mut dyn Transport,
@@ -136,13 +161,22 @@ struct PlainTransport<'a> {
 
 impl Transport for PlainTransport<'_> {
     fn write(&mut self, data: &[u8]) {
-        if data.is_empty() {
-            return;
+        let mut rest = data;
+        while !rest.is_empty() {
+            let Ok(n) = self.session.writer().write(rest) else {
+                return; // the session has failed: nothing more goes out
+            };
+            self.plain_written += n as u64;
+            rest = &rest[n..];
+            if !rest.is_empty() {
+                // rustls holds RECORD_BATCH_LIMIT of ciphertext: hand it over, go on.
+                let flushed = flush(self.session, self.outer);
+                self.cipher_written += flushed;
+                if n == 0 && flushed == 0 {
+                    return; // rustls takes nothing more (closed): dropped like a late write
+                }
+            }
         }
-        if self.session.writer().write_all(data).is_ok() {
-            self.plain_written += data.len() as u64;
-        }
-        self.cipher_written += flush(self.session, self.outer);
     }
 
     fn lose_connection(&mut self) {
@@ -220,12 +254,17 @@ impl<P: Protocol> TlsProtocol<P> {
         self.cipher_unsent += plain.cipher_written;
     }
 
-    fn handshake_failed(&mut self, result: &'static str, transport: &mut dyn Transport) {
-        self.metrics.handshake(result).inc();
-        self.phase = Phase::Done;
+    /// Hand every record rustls holds to the driver, in one vectored write.
+    fn flush_records(&mut self, transport: &mut dyn Transport) {
         if let Some(session) = self.session.as_deref_mut() {
             self.cipher_unsent += flush(session, transport);
         }
+    }
+
+    fn handshake_failed(&mut self, result: &'static str, transport: &mut dyn Transport) {
+        self.metrics.handshake(result).inc();
+        self.phase = Phase::Done;
+        self.flush_records(transport);
         transport.lose_connection();
     }
 
@@ -263,35 +302,10 @@ impl<P: Protocol> Protocol for TlsProtocol<P> {
     }
 
     fn data_received(&mut self, data: &[u8], transport: &mut dyn Transport) {
-        let mut rest = data;
-        while !rest.is_empty() && self.phase != Phase::Done {
-            let Some(session) = self.session.as_deref_mut() else {
-                return;
-            };
-            if session.read_tls(&mut rest).is_err() {
-                self.handshake_failed_or_closed(transport, "protocol");
-                return;
-            }
-            if let Err(err) = session.process_new_packets() {
-                let result = classify(&err);
-                if self.phase == Phase::Handshaking {
-                    self.handshake_failed(result, transport);
-                } else {
-                    self.phase = Phase::Done;
-                    let session = self.session.as_deref_mut().expect("checked above");
-                    self.cipher_unsent += flush(session, transport);
-                    transport.lose_connection();
-                }
-                return;
-            }
-            if self.phase == Phase::Handshaking && !session.is_handshaking() {
-                self.handshake_done(transport);
-            }
-            self.deliver_plaintext(transport);
-            if let Some(session) = self.session.as_deref_mut() {
-                self.cipher_unsent += flush(session, transport);
-            }
-        }
+        self.receive(data, transport);
+        // Everything this read produced (handshake messages, echoed records, our
+        // close_notify) goes out together.
+        self.flush_records(transport);
     }
 
     fn bytes_sent(&mut self, n: usize) {
@@ -342,6 +356,7 @@ impl<P: Protocol> Protocol for TlsProtocol<P> {
     fn timer_fired(&mut self, transport: &mut dyn Transport) {
         if self.phase == Phase::Established {
             self.with_inner(transport, |inner, plain| inner.timer_fired(plain));
+            self.flush_records(transport);
         }
     }
 
@@ -351,17 +366,54 @@ impl<P: Protocol> Protocol for TlsProtocol<P> {
 }
 
 impl<P: Protocol> TlsProtocol<P> {
+    /// Feed `data` to rustls and run what it yields: the handshake, then the wrapped protocol
+    /// on the plaintext. The records this produces stay with rustls (the caller flushes).
+    fn receive(&mut self, data: &[u8], transport: &mut dyn Transport) {
+        // Zeroed once per read, not once per record (a 64 KiB read holds four).
+        let mut plaintext = [0u8; 16 * 1024];
+        let mut rest = data;
+        while !rest.is_empty() && self.phase != Phase::Done {
+            let Some(session) = self.session.as_deref_mut() else {
+                return;
+            };
+            if session.read_tls(&mut rest).is_err() {
+                self.handshake_failed_or_closed(transport, "protocol");
+                return;
+            }
+            let state = match session.process_new_packets() {
+                Ok(state) => state,
+                Err(err) => {
+                    let result = classify(&err);
+                    if self.phase == Phase::Handshaking {
+                        self.handshake_failed(result, transport);
+                    } else {
+                        self.phase = Phase::Done;
+                        self.flush_records(transport);
+                        transport.lose_connection();
+                    }
+                    return;
+                }
+            };
+            if self.phase == Phase::Handshaking && !session.is_handshaking() {
+                self.handshake_done(transport);
+            }
+            // rustls reads at most 4 KiB per `read_tls`: most rounds complete no record.
+            if state.plaintext_bytes_to_read() > 0 || state.peer_has_closed() {
+                self.deliver_plaintext(&mut plaintext, transport);
+            }
+        }
+    }
+
     /// Pass every decrypted byte to the wrapped protocol; answer a `close_notify` with ours.
-    fn deliver_plaintext(&mut self, transport: &mut dyn Transport) {
+    fn deliver_plaintext(&mut self, buffer: &mut [u8], transport: &mut dyn Transport) {
         if self.phase != Phase::Established {
             return;
         }
-        let mut buffer = [0u8; 16 * 1024];
         loop {
             let Some(session) = self.session.as_deref_mut() else {
                 return;
             };
-            match session.reader().read(&mut buffer) {
+            match session.reader().read(buffer) {
                 Ok(0) => {
                     // close_notify: everything before it was delivered (and echoed); answer
                     // with ours. The peer's FIN ends the connection.
@@ -383,6 +435,7 @@ impl<P: Protocol> TlsProtocol<P> {
             self.handshake_failed(result, transport);
         } else {
             self.phase = Phase::Done;
+            self.flush_records(transport); // what was echoed before the bad bytes
             transport.lose_connection();
         }
     }
