@@ -14,6 +14,7 @@
 //! numbers are those of `opentelemetry/proto/{collector/trace,trace,common,resource}/v1`.
 
 use std::fmt::Write as _;
+use std::net::IpAddr;
 
 use opentelemetry::{Array, Value};
 
@@ -147,8 +148,28 @@ pub struct SpanEncoder {
     resource: Vec<u8>,
     /// `ScopeSpans.scope` (field 1), encoded once.
     scope: Vec<u8>,
-    /// Scratch space for addresses as text.
+    /// The peer, server and client addresses as text, each remembered for the next span:
+    /// most spans of a batch share their server address, and often their peer (a load
+    /// balancer, a health checker), so `Display` runs only when the address changes.
+    texts: [IpText; 3],
+}
+
+/// An address and its text.
+#[derive(Debug, Default)]
+struct IpText {
+    ip: Option<IpAddr>,
     text: String,
+}
+
+impl IpText {
+    fn get(&mut self, ip: IpAddr) -> &str {
+        if self.ip != Some(ip) {
+            self.text.clear();
+            let _ = write!(self.text, "{ip}");
+            self.ip = Some(ip);
+        }
+        &self.text
+    }
 }
 
 impl SpanEncoder {
@@ -173,7 +194,7 @@ impl SpanEncoder {
             ids,
             resource: resource_bytes,
             scope: scope_bytes,
-            text: String::new(),
+            texts: Default::default(),
         }
     }
 
@@ -188,7 +209,7 @@ impl SpanEncoder {
                 buf.extend_from_slice(&self.scope);
                 for span in spans {
                     message(buf, 2, |buf| {
-                        Self::span(&self.ids, &mut self.text, span, buf);
+                        Self::span(&self.ids, &mut self.texts, span, buf);
                     });
                 }
             });
@@ -196,7 +217,7 @@ impl SpanEncoder {
     }
 
     /// One `Span`'s fields.
-    fn span(ids: &ConnectionIds, text: &mut String, c: &SpanRecord, buf: &mut Vec<u8>) {
+    fn span(ids: &ConnectionIds, texts: &mut [IpText; 3], c: &SpanRecord, buf: &mut Vec<u8>) {
         let reason = c.reason.label();
         bytes_field(buf, 1, &ids.trace_id(c.id).to_bytes());
         bytes_field(buf, 2, &ids.span_id(c.id).to_bytes());
@@ -206,17 +227,23 @@ impl SpanEncoder {
         fixed64_field(buf, 7, c.made_at_unix_nanos);
         fixed64_field(buf, 8, c.lost_at_unix_nanos);
 
-        let mut address = |buf: &mut Vec<u8>, name: &str, addr: std::net::IpAddr| {
-            text.clear();
-            let _ = write!(text, "{addr}");
-            attribute(buf, 9, name, Any::Str(text));
-        };
+        let [peer_text, local_text, client_text] = texts;
         let ip_type = if c.peer.is_ipv4() { "ipv4" } else { "ipv6" };
         attribute(buf, 9, "network.transport", Any::Str("tcp"));
         attribute(buf, 9, "network.type", Any::Str(ip_type));
-        address(buf, "network.peer.address", c.peer.ip());
+        attribute(
+            buf,
+            9,
+            "network.peer.address",
+            Any::Str(peer_text.get(c.peer.ip())),
+        );
         attribute(buf, 9, "network.peer.port", Any::Int(c.peer.port().into()));
-        address(buf, "server.address", c.local.ip());
+        attribute(
+            buf,
+            9,
+            "server.address",
+            Any::Str(local_text.get(c.local.ip())),
+        );
         attribute(buf, 9, "server.port", Any::Int(c.local.port().into()));
         attribute(buf, 9, "connection.id", Any::Int(c.id as i64));
         attribute(buf, 9, "echo.received_bytes", Any::Int(c.received as i64));
@@ -230,7 +257,12 @@ impl SpanEncoder {
         attribute(buf, 9, "echo.loss_reason", Any::Str(reason));
         let extras = c.extras.as_deref();
         let client = extras.and_then(|e| e.client).unwrap_or(c.peer);
-        address(buf, "client.address", client.ip());
+        attribute(
+            buf,
+            9,
+            "client.address",
+            Any::Str(client_text.get(client.ip())),
+        );
         attribute(buf, 9, "client.port", Any::Int(client.port().into()));
         if let Some(fault) = extras.and_then(|e| e.fault) {
             attribute(buf, 9, "echo.fault", Any::Str(fault));
