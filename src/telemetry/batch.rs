@@ -34,6 +34,13 @@ use super::metrics::OtlpMetrics;
 use super::otel_env::BatchSettings;
 use super::otlp_proto::SpanEncoder;
 
+/// First wait before retrying a transient export failure.
+const RETRY_INITIAL_DELAY: Duration = Duration::from_millis(200);
+/// Longest wait between retries.
+const RETRY_MAX_DELAY: Duration = Duration::from_millis(3200);
+/// Most retries of one request (all within the export timeout).
+const RETRY_MAX: u32 = 5;
+
 /// What the processor asks of its export task besides exporting on schedule.
 enum Command {
     /// Export what can be exported before the deadline, count the rest, stop; answer whether
@@ -263,6 +270,23 @@ impl Exporter<'_> {
         all
     }
 
+    /// Send `body`, retrying transient failures with exponential backoff (200 ms doubling to
+    /// 3.2 s, at most 5 retries, as the SDK's exporter did); the caller bounds the whole.
+    async fn send(&self, body: opentelemetry_http::Bytes) -> Result<(), ExportFailure> {
+        let mut delay = RETRY_INITIAL_DELAY;
+        let mut retries = 0;
+        loop {
+            match self.client.export(body.clone()).await {
+                Err(err) if err.retryable && retries < RETRY_MAX => {
+                    retries += 1;
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(RETRY_MAX_DELAY);
+                }
+                result => return result,
+            }
+        }
+    }
+
     async fn export(&mut self, batch: Vec<SpanRecord>, limit: Duration) -> bool {
         let count = batch.len();
         let metrics = &self.shared.metrics;
@@ -271,7 +295,8 @@ impl Exporter<'_> {
         self.encoder.encode(&batch, &mut body);
         drop(batch);
         self.last_body = body.len();
-        let result = match tokio::time::timeout(limit, self.client.export(body)).await {
+        let body = opentelemetry_http::Bytes::from(body);
+        let result = match tokio::time::timeout(limit, self.send(body)).await {
             Ok(result) => result,
             Err(_) => Err(ExportFailure::new(
                 "timeout",

@@ -196,15 +196,26 @@ pub struct ExportFailure {
     pub kind: &'static str,
     /// What happened, without anything the collector sent (it may echo credentials).
     pub message: String,
+    /// Transient, per the OTLP specification: the same request may succeed later (no
+    /// connection or no answer; HTTP 429, 502, 503, 504, `Retry-After` not honoured; gRPC
+    /// UNAVAILABLE, RESOURCE_EXHAUSTED, ABORTED, CANCELLED, OUT_OF_RANGE,
+    /// DATA_LOSS).
+    pub retryable: bool,
 }
 
 impl ExportFailure {
-    /// A failure of `kind`.
+    /// A permanent failure of `kind`.
     pub fn new(kind: &'static str, message: impl Into<String>) -> Self {
         ExportFailure {
             kind,
             message: message.into(),
+            retryable: false,
         }
+    }
+
+    fn retryable(mut self, retryable: bool) -> Self {
+        self.retryable = retryable;
+        self
     }
 }
 
@@ -218,8 +229,8 @@ pub enum OtlpClient {
 }
 
 impl OtlpClient {
-    /// Send one request body (an encoded `ExportTraceServiceRequest`).
-    pub async fn export(&self, body: Vec<u8>) -> Result<(), ExportFailure> {
+    /// Send one request body (an encoded `ExportTraceServiceRequest`) once.
+    pub async fn export(&self, body: Bytes) -> Result<(), ExportFailure> {
         match self {
             OtlpClient::Http(http) => http.export(body).await,
             OtlpClient::Grpc(grpc) => grpc.export(body).await,
@@ -251,13 +262,13 @@ fn gzip(body: &[u8]) -> Result<Vec<u8>, ExportFailure> {
 }
 
 impl HttpExport {
-    async fn export(&self, body: Vec<u8>) -> Result<(), ExportFailure> {
+    async fn export(&self, body: Bytes) -> Result<(), ExportFailure> {
         let mut request = Request::post(self.endpoint.as_str())
             .header("content-type", "application/x-protobuf")
             .header("user-agent", USER_AGENT);
         let body = if self.gzip {
             request = request.header("content-encoding", "gzip");
-            gzip(&body)?
+            Bytes::from(gzip(&body)?)
         } else {
             body
         };
@@ -265,7 +276,7 @@ impl HttpExport {
             request = request.header(name.as_str(), value.as_str());
         }
         let request = request
-            .body(Bytes::from(body))
+            .body(body)
             .map_err(|err| ExportFailure::new("other", format!("HTTP request: {err}")))?;
         // ReportingClient logs why a request failed; the message here stays one per kind.
         match self.client.send_bytes(request).await {
@@ -273,18 +284,18 @@ impl HttpExport {
                 "timeout",
                 "HTTP export failed: request timed out",
             )),
-            Err(_) => Err(ExportFailure::new(
-                "network",
-                "HTTP export failed: network error",
-            )),
+            Err(_) => Err(
+                ExportFailure::new("network", "HTTP export failed: network error").retryable(true),
+            ),
             Ok(response) if response.status().is_success() => Ok(()),
-            Ok(response) => Err(ExportFailure::new(
-                "http_status",
-                format!(
-                    "HTTP export failed with status code: {}",
-                    response.status().as_u16()
-                ),
-            )),
+            Ok(response) => {
+                let status = response.status().as_u16();
+                Err(ExportFailure::new(
+                    "http_status",
+                    format!("HTTP export failed with status code: {status}"),
+                )
+                .retryable(matches!(status, 429 | 502 | 503 | 504)))
+            }
         }
     }
 }
@@ -316,15 +327,16 @@ pub struct GrpcExport {
 const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 
 impl GrpcExport {
-    async fn export(&self, body: Vec<u8>) -> Result<(), ExportFailure> {
+    async fn export(&self, body: Bytes) -> Result<(), ExportFailure> {
         let mut client = self.client.clone();
         client.ready().await.map_err(|err| {
             ExportFailure::new(
                 "network",
                 format!("gRPC export failed: network error: {err}"),
             )
+            .retryable(true)
         })?;
-        let mut request = tonic::Request::new(Bytes::from(body));
+        let mut request = tonic::Request::new(body);
         *request.metadata_mut() = self.metadata.clone();
         let status = match client
             .unary::<Bytes, (), _>(request, PathAndQuery::from_static(EXPORT_PATH), PassThrough)
@@ -348,7 +360,16 @@ impl GrpcExport {
             message.push_str(&cause.to_string());
             source = cause.source();
         }
-        Err(ExportFailure::new(kind, message))
+        let retryable = matches!(
+            code,
+            tonic::Code::Unavailable
+                | tonic::Code::ResourceExhausted
+                | tonic::Code::Aborted
+                | tonic::Code::Cancelled
+                | tonic::Code::OutOfRange
+                | tonic::Code::DataLoss
+        );
+        Err(ExportFailure::new(kind, message).retryable(retryable))
     }
 }
 
