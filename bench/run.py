@@ -50,6 +50,7 @@ NOISY_CORES = 0.15
 # client-bound: its throughput then measures echo-bench, not the server (on one client core,
 # how a server chunks its writes changes the client's cost per byte, so MB/s between servers
 # is not comparable; compare server CPU per MiB instead).
+CONNTRACK_FULL = 0.99  # conntrack_fill() at which the kernel drops new connections
 CLIENT_BOUND_CORES = 0.9
 
 # Servers, in table column order. "idle_only" ones run in the idle scenarios and in those
@@ -185,6 +186,20 @@ def scenarios(args, idle_cap):
                         ("RSS MiB at 50k (extrapolated)", "server.rss_50k_mib", "lower")],
         },
     }
+
+
+def conntrack_fill():
+    """How full the kernel's connection tracking table is (0..1), or None without conntrack.
+    When it is full the kernel drops new connections' SYNs ("nf_conntrack: table full,
+    dropping packet"): churn stalls on 1 s SYN retransmits whatever the server does. The
+    table is shared with everything else on the machine (entries of closed loopback
+    connections stay for nf_conntrack_tcp_timeout_time_wait, 120 s by default)."""
+    try:
+        with open("/proc/sys/net/netfilter/nf_conntrack_count") as c, \
+                open("/proc/sys/net/netfilter/nf_conntrack_max") as m:
+            return int(c.read()) / max(int(m.read()), 1)
+    except (OSError, ValueError):
+        return None
 
 
 def cpu_busy_s():
@@ -396,8 +411,8 @@ class Suite:
                         neighbour.wait()
             # CPU used by anything but this server, this client and the OTLP sink: noise.
             client = children_cpu_s() - cli0
-            other = (cpu_busy_s() - busy0) - (proc_cpu_s(server.pid) - srv0) \
-                - client - self.sink_cpu_delta()
+            sink = self.sink_cpu_delta()
+            other = (cpu_busy_s() - busy0) - (proc_cpu_s(server.pid) - srv0) - client - sink
             if out.returncode not in (0, 3) or not out.stdout.strip():
                 return {"error": f"echo-bench exited {out.returncode}: {out.stderr.strip()[-400:]}"}
             report = json.loads(out.stdout)
@@ -405,7 +420,9 @@ class Suite:
             elapsed = time.monotonic() - t0
             report["noise"] = {"load_before_cores": round(load_before, 3),
                                "other_cores": round(max(other, 0) / elapsed, 3),
-                               "client_cores": round(client / elapsed, 3)}
+                               "client_cores": round(client / elapsed, 3),
+                               "sink_cores": round(sink / elapsed, 3),
+                               "conntrack_fill": conntrack_fill()}
             derive(report)
             return report
         except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as e:
@@ -602,11 +619,19 @@ def markdown(args, meta, results, scen, sink):
                      if r["scenario"] == sname and r["server_name"] == s["name"]]
             if any(n > NOISY_CORES for n in noise):
                 shown += " (noisy: " + ", ".join(f"{n:.2f}" for n in noise) + " cores of other load)"
-            client = [get(r, "noise.client_cores") or 0 for r in results
+            # The OTLP sink runs on the client's core: its CPU is the client's loss.
+            client = [(get(r, "noise.client_cores") or 0) + (get(r, "noise.sink_cores") or 0)
+                      for r in results
                       if r["scenario"] == sname and r["server_name"] == s["name"]]
+            full = [get(r, "noise.conntrack_fill") or 0 for r in results
+                    if r["scenario"] == sname and r["server_name"] == s["name"]]
+            if any(f >= CONNTRACK_FULL for f in full):
+                shown += (" (conntrack table full in rounds "
+                          + ", ".join(str(i + 1) for i, f in enumerate(full) if f >= CONNTRACK_FULL)
+                          + ": SYNs dropped, not the server's doing)")
             if not sc.get("idle") and any(c >= CLIENT_BOUND_CORES for c in client):
-                shown += (" (client-bound: echo-bench used " + ", ".join(f"{c:.2f}" for c in client)
-                          + " of its core)")
+                shown += (" (client-bound: echo-bench and the OTLP sink used "
+                          + ", ".join(f"{c:.2f}" for c in client) + " of their core)")
             good = [v for v in vals if v]
             spread = f"{max(good) / min(good):.2f}" if good else "-"
             lines.append(f"| {sname} | {label} | {s['name']} | {shown} | {spread} |")

@@ -59,6 +59,11 @@ def metrics(port):
     return out
 
 
+def total(m, name):
+    """Sum of a metric over its label sets (echo_connections_made_total has a listener label)."""
+    return sum(v for k, v in m.items() if k == name or k.startswith(name + "{"))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--bin-dir", default=os.path.join(os.path.dirname(HERE), "target", "release"))
@@ -85,7 +90,7 @@ def main():
     try:
         wait_listening(admin_port, service)
         started = time.monotonic()
-        while metrics(admin_port).get("echo_connections_made_total", 0) < args.connections:
+        while total(metrics(admin_port), "echo_connections_made_total") < args.connections:
             if time.monotonic() - started > args.max_seconds:
                 sys.exit("gave up: too slow")
             subprocess.run(["taskset", "-c", "1", os.path.join(args.bin_dir, "echo-bench"),
@@ -102,7 +107,7 @@ def main():
     stats = dict(line.split() for line in get(sink_port, "/").splitlines())
     sink.send_signal(signal.SIGTERM)
     sink.wait(10)
-    made = int(m["echo_connections_made_total"])
+    made = int(total(m, "echo_connections_made_total"))
     spans = int(stats["spans"])
     print(f"connections made     {made} in {seconds:.1f}s ({made / seconds:.0f}/s)")
     print(f"spans at the sink    {spans} in {stats['requests']} requests")

@@ -1,20 +1,29 @@
-//! Builds the OTLP span exporter from checked [`ExportSettings`]: gRPC through tonic, or
+//! The OTLP client, built from checked [`ExportSettings`]: it sends an encoded
+//! `ExportTraceServiceRequest` (module `otlp_proto`) over gRPC through tonic, or over
 //! HTTP/protobuf through an async hyper client, both over rustls (ring) for `https://`
-//! endpoints, with gzip and headers when asked.
+//! endpoints, with gzip and headers when asked, and classifies failures by kind (the `kind`
+//! label of `echo_otlp_export_errors_total`).
+//!
+//! The body arrives as protobuf bytes: on gRPC a pass-through codec frames it as the
+//! `TraceService/Export` call's message, so both protocols share one encoder and neither goes
+//! through the generated proto structs.
 //!
 //! Everything the environment specified is passed programmatically, so the exporter does what
 //! [`super::otel_env`] checked. Certificate and key files are read and parsed here, at
 //! startup: a file that cannot be used is an error naming its variable, never a failure at the
 //! first export.
 
+use std::io::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use opentelemetry_http::hyper::HyperClient;
 use opentelemetry_http::{Bytes, HttpClient, HttpError, Request, Response};
-
-use opentelemetry_otlp::{Compression, WithExportConfig, WithHttpConfig, WithTonicConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codegen::http::uri::PathAndQuery;
+use tonic::transport::Channel;
 
 use super::log_limit::LogLimiter;
 use super::otel_env::{ExportSettings, NamedFile, OtlpProtocol, TlsFiles};
@@ -180,16 +189,245 @@ pub fn check_tls(files: &TlsFiles) -> Result<(), TracingSetupError> {
     TlsMaterial::load(files)?.rustls_config(files).map(drop)
 }
 
-/// Build the exporter. `timeout` bounds each export request (retries included).
-pub fn build_exporter(
+/// Why an export failed: the `kind` label and a message for the (rate-limited) log line.
+#[derive(Debug)]
+pub struct ExportFailure {
+    /// One of `EXPORT_ERROR_KINDS`.
+    pub kind: &'static str,
+    /// What happened, without anything the collector sent (it may echo credentials).
+    pub message: String,
+    /// Transient, per the OTLP specification: the same request may succeed later (no
+    /// connection or no answer; HTTP 429, 502, 503, 504, `Retry-After` not honoured; gRPC
+    /// UNAVAILABLE, RESOURCE_EXHAUSTED, ABORTED, CANCELLED, OUT_OF_RANGE,
+    /// DATA_LOSS).
+    pub retryable: bool,
+}
+
+impl ExportFailure {
+    /// A permanent failure of `kind`.
+    pub fn new(kind: &'static str, message: impl Into<String>) -> Self {
+        ExportFailure {
+            kind,
+            message: message.into(),
+            retryable: false,
+        }
+    }
+
+    fn retryable(mut self, retryable: bool) -> Self {
+        self.retryable = retryable;
+        self
+    }
+}
+
+/// Sends encoded `ExportTraceServiceRequest`s to the collector.
+#[derive(Debug)]
+pub enum OtlpClient {
+    /// OTLP/HTTP with a protobuf body.
+    Http(HttpExport),
+    /// OTLP/gRPC.
+    Grpc(GrpcExport),
+}
+
+impl OtlpClient {
+    /// Send one request body (an encoded `ExportTraceServiceRequest`) once.
+    pub async fn export(&self, body: Bytes) -> Result<(), ExportFailure> {
+        match self {
+            OtlpClient::Http(http) => http.export(body).await,
+            OtlpClient::Grpc(grpc) => grpc.export(body).await,
+        }
+    }
+}
+
+/// OTLP/HTTP: `POST` the body to the traces URL.
+#[derive(Debug)]
+pub struct HttpExport {
+    client: Box<dyn HttpClient>,
+    endpoint: String,
+    headers: Vec<(String, String)>,
+    gzip: bool,
+}
+
+/// Identifies the exporter to the collector, as the OTLP specification asks.
+const USER_AGENT: &str = concat!("echo-service/", env!("CARGO_PKG_VERSION"));
+
+fn gzip(body: &[u8]) -> Result<Vec<u8>, ExportFailure> {
+    let mut encoder = flate2::write::GzEncoder::new(
+        Vec::with_capacity(body.len() / 4),
+        flate2::Compression::default(),
+    );
+    encoder
+        .write_all(body)
+        .and_then(|()| encoder.finish())
+        .map_err(|err| ExportFailure::new("other", format!("gzip failed: {err}")))
+}
+
+impl HttpExport {
+    async fn export(&self, body: Bytes) -> Result<(), ExportFailure> {
+        let mut request = Request::post(self.endpoint.as_str())
+            .header("content-type", "application/x-protobuf")
+            .header("user-agent", USER_AGENT);
+        let body = if self.gzip {
+            request = request.header("content-encoding", "gzip");
+            Bytes::from(gzip(&body)?)
+        } else {
+            body
+        };
+        for (name, value) in &self.headers {
+            request = request.header(name.as_str(), value.as_str());
+        }
+        let request = request
+            .body(body)
+            .map_err(|err| ExportFailure::new("other", format!("HTTP request: {err}")))?;
+        // ReportingClient logs why a request failed; the message here stays one per kind.
+        match self.client.send_bytes(request).await {
+            Err(err) if is_timeout(err.as_ref()) => Err(ExportFailure::new(
+                "timeout",
+                "HTTP export failed: request timed out",
+            )),
+            Err(_) => Err(
+                ExportFailure::new("network", "HTTP export failed: network error").retryable(true),
+            ),
+            Ok(response) if response.status().is_success() => Ok(()),
+            Ok(response) => {
+                let status = response.status().as_u16();
+                Err(ExportFailure::new(
+                    "http_status",
+                    format!("HTTP export failed with status code: {status}"),
+                )
+                .retryable(matches!(status, 429 | 502 | 503 | 504)))
+            }
+        }
+    }
+}
+
+/// Does this error (or one of its causes) say "timed out"?
+fn is_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(err);
+    while let Some(err) = source {
+        if err
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut)
+            || err.to_string().contains("timed out")
+        {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
+/// OTLP/gRPC: the `TraceService/Export` unary call, its message passed through as bytes.
+#[derive(Debug)]
+pub struct GrpcExport {
+    client: tonic::client::Grpc<Channel>,
+    metadata: tonic::metadata::MetadataMap,
+}
+
+/// The `TraceService/Export` method.
+const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+
+impl GrpcExport {
+    async fn export(&self, body: Bytes) -> Result<(), ExportFailure> {
+        let mut client = self.client.clone();
+        client.ready().await.map_err(|err| {
+            ExportFailure::new(
+                "network",
+                format!("gRPC export failed: network error: {err}"),
+            )
+            .retryable(true)
+        })?;
+        let mut request = tonic::Request::new(body);
+        *request.metadata_mut() = self.metadata.clone();
+        let status = match client
+            .unary::<Bytes, (), _>(request, PathAndQuery::from_static(EXPORT_PATH), PassThrough)
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(status) => status,
+        };
+        let code = status.code();
+        let kind = match code {
+            tonic::Code::DeadlineExceeded => "timeout",
+            tonic::Code::Unavailable => "network",
+            _ => "grpc_status",
+        };
+        // The collector's message may echo credentials: only the code, unless the error is
+        // our own transport's (then it says why the connection failed).
+        let mut message = format!("gRPC export failed: gRPC code {code:?}");
+        let mut source = std::error::Error::source(&status);
+        while let Some(cause) = source {
+            message.push_str(": ");
+            message.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        let retryable = matches!(
+            code,
+            tonic::Code::Unavailable
+                | tonic::Code::ResourceExhausted
+                | tonic::Code::Aborted
+                | tonic::Code::Cancelled
+                | tonic::Code::OutOfRange
+                | tonic::Code::DataLoss
+        );
+        Err(ExportFailure::new(kind, message).retryable(retryable))
+    }
+}
+
+/// A gRPC codec that sends already-encoded protobuf bytes and ignores the response message
+/// (an `ExportTraceServiceResponse`, whose partial-success counts the service does not use).
+#[derive(Debug, Clone, Copy)]
+struct PassThrough;
+
+impl Codec for PassThrough {
+    type Encode = Bytes;
+    type Decode = ();
+    type Encoder = PassThrough;
+    type Decoder = PassThrough;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        PassThrough
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        PassThrough
+    }
+}
+
+impl Encoder for PassThrough {
+    type Item = Bytes;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Self::Error> {
+        bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl Decoder for PassThrough {
+    type Item = ();
+    type Error = tonic::Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<()>, Self::Error> {
+        let len = bytes::Buf::remaining(src);
+        bytes::Buf::advance(src, len);
+        Ok(Some(()))
+    }
+}
+
+/// Build the client. `timeout` bounds each export request.
+pub fn build_client(
     settings: &ExportSettings,
     timeout: Duration,
-) -> Result<opentelemetry_otlp::SpanExporter, TracingSetupError> {
+) -> Result<OtlpClient, TracingSetupError> {
     let tls = TlsMaterial::load(&settings.tls)?;
     // Built for both protocols: it checks the files whatever the endpoint's scheme.
     let rustls_config = tls.rustls_config(&settings.tls)?;
-    let headers = settings.headers.iter().cloned().collect();
-    let built = match settings.protocol {
+    let invalid = |err: &dyn std::fmt::Display| {
+        TracingSetupError::new(format!(
+            "invalid OTLP exporter settings (OTEL_EXPORTER_OTLP_*): {err}"
+        ))
+    };
+    match settings.protocol {
         OtlpProtocol::Grpc => {
             let mut metadata = tonic::metadata::MetadataMap::new();
             for (key, value) in &settings.headers {
@@ -201,18 +439,21 @@ pub fn build_exporter(
                     metadata.insert(key, value);
                 }
             }
-            let mut builder = opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .with_endpoint(settings.endpoint.clone())
-                .with_timeout(timeout)
-                .with_metadata(metadata);
-            if settings.gzip {
-                builder = builder.with_compression(Compression::Gzip);
-            }
+            let mut endpoint = tonic::transport::Endpoint::from_shared(settings.endpoint.clone())
+                .map_err(|err| invalid(&err))?
+                .user_agent(USER_AGENT)
+                .map_err(|err| invalid(&err))?
+                .timeout(timeout);
             if settings.https {
-                builder = builder.with_tls_config(tls.tonic_config());
+                endpoint = endpoint
+                    .tls_config(tls.tonic_config())
+                    .map_err(|err| invalid(&err))?;
             }
-            builder.build()
+            let mut client = tonic::client::Grpc::new(endpoint.connect_lazy());
+            if settings.gzip {
+                client = client.send_compressed(CompressionEncoding::Gzip);
+            }
+            Ok(OtlpClient::Grpc(GrpcExport { client, metadata }))
         }
         OtlpProtocol::HttpProtobuf => {
             let connector = hyper_rustls::HttpsConnectorBuilder::new()
@@ -221,24 +462,19 @@ pub fn build_exporter(
                 .enable_http1()
                 .build();
             let client = ReportingClient {
-                inner: opentelemetry_http::hyper::HyperClient::new(connector, timeout, None),
+                inner: HyperClient::new(connector, timeout, None),
                 log: LogLimiter::default(),
             };
-            let mut builder = opentelemetry_otlp::SpanExporter::builder()
-                .with_http()
-                .with_http_client(client)
-                .with_endpoint(settings.endpoint.clone())
-                .with_timeout(timeout)
-                .with_headers(headers);
-            if settings.gzip {
-                builder = builder.with_compression(Compression::Gzip);
-            }
-            builder.build()
+            settings
+                .endpoint
+                .parse::<tonic::codegen::http::Uri>()
+                .map_err(|err| invalid(&err))?;
+            Ok(OtlpClient::Http(HttpExport {
+                client: Box::new(client),
+                endpoint: settings.endpoint.clone(),
+                headers: settings.headers.clone(),
+                gzip: settings.gzip,
+            }))
         }
-    };
-    built.map_err(|err| {
-        TracingSetupError::new(format!(
-            "invalid OTLP exporter settings (OTEL_EXPORTER_OTLP_*): {err}"
-        ))
-    })
+    }
 }

@@ -25,7 +25,7 @@ use std::time::{Instant, SystemTime};
 
 use tracing::Span;
 
-use super::connection_span::{ConnectionExtras, ConnectionRecord, ConnectionSpans};
+use super::connection_span::{ConnectionExtras, ConnectionSpans, SpanRecord};
 use super::metrics::TrafficMetrics;
 use crate::factory::{ConnectionInfo, Factory, Refusal};
 use crate::protocol::{LossReason, Protocol};
@@ -234,23 +234,26 @@ impl<P> InstrumentedProtocol<P> {
             std::time::Duration::from_nanos(self.shared.now().saturating_sub(self.opened_at));
         let duration = elapsed.as_secs_f64();
         self.shared.traffic.duration.observe(duration);
+        let extras_for_log = self.extras.as_ref().is_some_and(|e| e.client.is_some());
         if let Some(spans) = &self.shared.spans {
-            let lost_at = SystemTime::now();
-            spans.record(&ConnectionRecord {
+            let lost_at = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |since| {
+                    u64::try_from(since.as_nanos()).unwrap_or(u64::MAX)
+                });
+            spans.record(SpanRecord {
                 id: self.id,
-                peer_ip: self.peer_ip,
-                peer_port: self.peer_port,
-                local_ip: self.local_ip,
-                local_port: self.local_port,
+                peer: SocketAddr::new(self.peer_ip, self.peer_port),
+                local: SocketAddr::new(self.local_ip, self.local_port),
                 received: self.received,
                 sent: self.sent,
-                made_at: lost_at
-                    .checked_sub(elapsed)
-                    .unwrap_or(SystemTime::UNIX_EPOCH),
-                lost_at,
+                made_at_unix_nanos: lost_at
+                    .saturating_sub(u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX)),
+                lost_at_unix_nanos: lost_at,
                 duration_seconds: duration,
                 reason,
-                extras: self.extras.as_deref(),
+                // Recorded once: the span takes the extras instead of copying them.
+                extras: self.extras.take(),
             });
         }
         if tracing::enabled!(target: CONNECTION_TARGET, tracing::Level::DEBUG) {
@@ -262,7 +265,7 @@ impl<P> InstrumentedProtocol<P> {
                 connection_id = self.id,
                 peer_address = %self.peer_ip,
                 peer_port = self.peer_port,
-                proxied = self.extras.as_ref().is_some_and(|e| e.client.is_some()),
+                proxied = extras_for_log,
                 received_bytes = self.received as i64,
                 sent_bytes = self.sent as i64,
                 "connection lost"

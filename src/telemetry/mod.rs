@@ -9,7 +9,8 @@
 //! - `instrumented`: the wrapping factory/protocol (byte counters, duration, debug log lines).
 //! - `connection_span`: the connection's OTLP span, built in one go at close, and its ids.
 //! - `otel_env`: every `OTEL_*` variable, read and checked per the specification.
-//! - `exporter`: the OTLP exporter (gRPC or HTTP, rustls, gzip, headers) from those settings.
+//! - `exporter`: the OTLP client (gRPC or HTTP, rustls, gzip, headers) from those settings.
+//! - `otlp_proto`: connection spans encoded straight to OTLP protobuf, on the export task.
 //! - `batch`: the span queue and export task that count what they do (`echo_otlp_*`).
 //! - `log_limit`: one log line per second per distinct export error.
 //! - `metrics`: every Prometheus metric, registered in one place.
@@ -23,10 +24,11 @@ mod log_limit;
 mod log_writer;
 mod metrics;
 mod otel_env;
+mod otlp_proto;
 mod tracing_setup;
 
-pub use batch::{error_kind, MeteredBatchProcessor};
-pub use connection_span::{ConnectionIds, ConnectionRecord, ConnectionSpans};
+pub use batch::MeteredBatchProcessor;
+pub use connection_span::{ConnectionExtras, ConnectionIds, ConnectionSpans, SpanRecord};
 pub use instrumented::{
     InstrumentedFactory, InstrumentedProtocol, CONNECTION_TARGET, LIFECYCLE_LOG_TARGET,
 };

@@ -20,9 +20,7 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
-use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::KeyValue;
-use opentelemetry_sdk::trace::{SdkTracerProvider, SpanExporter as _};
 use opentelemetry_sdk::Resource;
 use tracing_subscriber::filter::{FilterExt, Targets};
 use tracing_subscriber::layer::SubscriberExt;
@@ -31,11 +29,12 @@ use tracing_subscriber::Layer;
 
 use super::batch::MeteredBatchProcessor;
 use super::connection_span::{ConnectionIds, ConnectionSpans};
-use super::exporter::build_exporter;
+use super::exporter::build_client;
 use super::log_limit::SdkLogLimit;
 use super::log_writer::StdoutLog;
 use super::metrics::OtlpMetrics;
 use super::otel_env::{ExportSettings, OtelSettings, DEFAULT_EXPORT_TIMEOUT};
+use super::otlp_proto::SpanEncoder;
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -75,7 +74,7 @@ impl TracingSetupError {
 
 /// Keeps the span exporter alive; [`TracingGuard::shutdown`] flushes it.
 pub struct TracingGuard {
-    provider: Option<SdkTracerProvider>,
+    processor: Option<Arc<MeteredBatchProcessor>>,
     spans: Option<ConnectionSpans>,
     export_timeout: Duration,
 }
@@ -88,22 +87,24 @@ impl TracingGuard {
 
     /// Is OTLP export on?
     pub fn exporting(&self) -> bool {
-        self.provider.is_some()
+        self.processor.is_some()
     }
 
     /// Flush queued spans and stop the exporter, waiting at most the export timeout (plus a
     /// second of slack) even if the collector never answers.
     pub async fn shutdown(self) {
-        let Some(provider) = self.provider else {
+        let Some(processor) = self.processor else {
             return;
         };
         let timeout = self.export_timeout;
-        // The SDK's shutdown blocks the calling thread: keep it off the runtime's workers.
-        let flush = tokio::task::spawn_blocking(move || provider.shutdown_with_timeout(timeout));
-        match tokio::time::timeout(timeout + Duration::from_secs(1), flush).await {
-            Ok(Ok(Ok(()))) => tracing::debug!("span exporter flushed"),
-            Ok(Ok(Err(err))) => tracing::warn!(error = %err, "span exporter shutdown failed"),
-            Ok(Err(err)) => tracing::warn!(error = %err, "span exporter shutdown panicked"),
+        match tokio::time::timeout(timeout + Duration::from_secs(1), processor.shutdown(timeout))
+            .await
+        {
+            Ok(true) => tracing::debug!("span exporter flushed"),
+            Ok(false) => tracing::warn!(
+                ?timeout,
+                "span exporter shutdown: not every span was exported (echo_otlp_spans_dropped_total)"
+            ),
             Err(_) => tracing::warn!(?timeout, "span exporter shutdown timed out"),
         }
     }
@@ -147,12 +148,17 @@ pub fn init_tracing(
         .export_timeout
         .or(otel.export.as_ref().and_then(|e| e.timeout))
         .unwrap_or(DEFAULT_EXPORT_TIMEOUT);
-    let (provider, spans) = match &otel.export {
+    let (processor, spans) = match &otel.export {
         Some(export) => {
             let ids = ConnectionIds::new();
-            let provider = build_provider(export, export_timeout, metrics, ids.clone())?;
-            let spans = ConnectionSpans::new(provider.tracer("echo-service"), ids);
-            (Some(provider), Some(spans))
+            let processor = Arc::new(build_processor(
+                export,
+                export_timeout,
+                metrics,
+                ids.clone(),
+            )?);
+            let spans = ConnectionSpans::new(ids, export.sampler.clone(), processor.clone());
+            (Some(processor), Some(spans))
         }
         None => (None, None),
     };
@@ -181,19 +187,20 @@ pub fn init_tracing(
         );
     }
     Ok(TracingGuard {
-        provider,
+        processor,
         spans,
         export_timeout,
     })
 }
 
-fn build_provider(
+/// The export pipeline: client, encoder (with the resource) and the counting batch processor.
+fn build_processor(
     export: &ExportSettings,
     export_timeout: Duration,
     metrics: Arc<OtlpMetrics>,
     ids: ConnectionIds,
-) -> Result<SdkTracerProvider, TracingSetupError> {
-    let mut exporter = build_exporter(export, export_timeout)?;
+) -> Result<MeteredBatchProcessor, TracingSetupError> {
+    let client = build_client(export, export_timeout)?;
 
     // service.name: OTEL_SERVICE_NAME, else OTEL_RESOURCE_ATTRIBUTES, else "echo-service".
     let env = |name| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
@@ -209,12 +216,15 @@ fn build_provider(
         resource = resource.with_service_name("echo-service");
     }
     let resource = resource.build();
-    exporter.set_resource(&resource);
-    let processor = MeteredBatchProcessor::start(exporter, export.batch, metrics);
-    Ok(SdkTracerProvider::builder()
-        .with_span_processor(processor)
-        .with_sampler(export.sampler.clone())
-        .with_id_generator(ids)
-        .with_resource(resource)
-        .build())
+    let encoder = SpanEncoder::new(
+        ids,
+        resource.iter().map(|(key, value)| (key.as_str(), value)),
+        "echo-service",
+    );
+    Ok(MeteredBatchProcessor::start(
+        encoder,
+        client,
+        export.batch,
+        metrics,
+    ))
 }

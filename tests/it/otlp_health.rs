@@ -174,3 +174,38 @@ fn a_full_queue_drops_and_counts_spans_and_the_gauge_shows_it() {
     assert_eq!(m.get("echo_otlp_spans_exported_total"), 0.0);
     service.terminate(Duration::from_secs(20));
 }
+
+/// A transient failure (gRPC `UNAVAILABLE`, HTTP 503) is retried, as the OTLP specification
+/// asks: the spans arrive, nothing is dropped and no failed export is counted.
+fn transient_failure_is_retried(mode: Mode) {
+    let receiver = OtlpReceiver::start(mode);
+    receiver.fail_next_transiently(2);
+    let mut service = start(&receiver, mode, &[]);
+    for i in 0..5 {
+        connection(&service, i);
+    }
+    let m = service.wait_metrics("5 spans exported", |m| {
+        m.get("echo_otlp_spans_exported_total") == 5.0
+    });
+    assert_eq!(receiver.spans().len(), 5, "{mode:?}");
+    assert_eq!(
+        receiver.failed_requests(),
+        2,
+        "{mode:?}: both failures were seen"
+    );
+    assert_eq!(dropped(&m, "export_failed"), 0.0, "{mode:?}");
+    for kind in ["timeout", "network", "http_status", "grpc_status", "other"] {
+        assert_eq!(errors(&m, kind), 0.0, "{mode:?}: {kind}");
+    }
+    service.terminate(Duration::from_secs(20));
+}
+
+#[test]
+fn grpc_unavailable_is_retried_and_nothing_is_lost() {
+    transient_failure_is_retried(Mode::Grpc);
+}
+
+#[test]
+fn http_503_is_retried_and_nothing_is_lost() {
+    transient_failure_is_retried(Mode::Http);
+}

@@ -84,6 +84,9 @@ struct Shared {
     headers: Mutex<Vec<Vec<(String, String)>>>,
     /// Export requests answered with an error.
     failed_requests: AtomicUsize,
+    /// How many of the next export requests to answer with a transient error (gRPC
+    /// `UNAVAILABLE`, HTTP 503), which the exporter should retry.
+    transient_failures: AtomicUsize,
     spans: Mutex<Vec<ReceivedSpan>>,
     http_requests: Mutex<Vec<HttpRequestSeen>>,
     export_requests: AtomicUsize,
@@ -91,6 +94,18 @@ struct Shared {
 }
 
 impl Shared {
+    /// Should this request fail transiently? Counts it as failed if so.
+    fn take_transient_failure(&self) -> bool {
+        let took = self
+            .transient_failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if took {
+            self.failed_requests.fetch_add(1, Ordering::SeqCst);
+        }
+        took
+    }
+
     fn record_headers(&self, headers: &hyper::HeaderMap) {
         let headers = headers
             .iter()
@@ -198,6 +213,12 @@ impl OtlpReceiver {
         self.shared.headers.lock().unwrap().clone()
     }
 
+    /// Answer the next `n` export requests with a transient error (gRPC `UNAVAILABLE`, HTTP
+    /// 503) after reading them; they count as failed requests.
+    pub fn fail_next_transiently(&self, n: usize) {
+        self.shared.transient_failures.store(n, Ordering::SeqCst);
+    }
+
     /// Export requests answered with an error so far (failing modes).
     pub fn failed_requests(&self) -> usize {
         self.shared.failed_requests.load(Ordering::SeqCst)
@@ -274,6 +295,9 @@ impl TraceService for Collector {
             self.shared.failed_requests.fetch_add(1, Ordering::SeqCst);
             return Err(tonic::Status::internal("this receiver fails every export"));
         }
+        if self.shared.take_transient_failure() {
+            return Err(tonic::Status::unavailable("try again"));
+        }
         self.shared.record(request.into_inner());
         Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
     }
@@ -342,6 +366,9 @@ async fn handle_http(request: Request<Incoming>, shared: &Shared) -> Response<Fu
                 Some(_) if shared.failing => {
                     shared.failed_requests.fetch_add(1, Ordering::SeqCst);
                     (StatusCode::BAD_REQUEST, Bytes::new())
+                }
+                Some(_) if shared.take_transient_failure() => {
+                    (StatusCode::SERVICE_UNAVAILABLE, Bytes::new())
                 }
                 Some(export) => {
                     shared.record(export);
