@@ -60,14 +60,16 @@ pub trait Transport {
     /// writes go on. Wrapping transports forward it.
     fn pause_reading(&mut self) {}
 
-    /// Read from the peer again after [`Transport::pause_reading`] or
-    /// [`Transport::stop_reading`].
+    /// Read from the peer again after [`Transport::pause_reading`] (not after
+    /// [`Transport::stop_reading`], which is final).
     fn resume_reading(&mut self) {}
 
     /// Stop reading for good (a black hole): like [`Transport::pause_reading`], but the
     /// peer's close or reset, noticed without reading, ends the connection
     /// (`connection_lost(PeerClosed)` or the reset), where a paused connection keeps a
-    /// half-closed peer's FIN for when it reads again. Wrapping transports forward it.
+    /// half-closed peer's FIN for when it reads again. Final: `resume_reading` does not undo
+    /// it (watching for the hang-up consumes the socket's read readiness, so bytes that came
+    /// in meanwhile would wait for the next arrival). Wrapping transports forward it.
     fn stop_reading(&mut self) {
         self.pause_reading();
     }
@@ -210,8 +212,7 @@ impl Transport for MemoryTransport {
     }
 
     fn resume_reading(&mut self) {
-        self.read_paused = false;
-        self.read_stopped = false;
+        self.read_paused = self.read_stopped;
     }
 
     fn stop_reading(&mut self) {

@@ -133,9 +133,9 @@ impl<S: ConnectionIo> Transport for StreamTransport<'_, S> {
         self.outbox.read_paused = true;
     }
 
+    /// Not after `stop_reading`, which is final (see [`Transport::stop_reading`]).
     fn resume_reading(&mut self) {
-        self.outbox.read_paused = false;
-        self.outbox.read_stopped = false;
+        self.outbox.read_paused = self.outbox.read_stopped;
     }
 
     fn stop_reading(&mut self) {

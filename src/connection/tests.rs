@@ -417,6 +417,33 @@ async fn memory_and_stream_transports_drop_writes_after_lose_connection() {
     assert_eq!(back, memory.written());
 }
 
+/// The `Transport` contract on both transports: `pause_reading` is undone by
+/// `resume_reading`, `stop_reading` is not (watching for the peer's hang-up consumed the read
+/// readiness, so bytes that arrived meanwhile would wait for the next arrival).
+#[test]
+fn stop_reading_is_final_where_pause_reading_is_not() {
+    let mut memory = MemoryTransport::new();
+    memory.pause_reading();
+    memory.resume_reading();
+    assert!(!memory.is_read_paused());
+    memory.stop_reading();
+    memory.resume_reading();
+    assert!(memory.is_read_paused() && memory.is_read_stopped());
+
+    let (mut io, _client) = DuplexIo::pair(64);
+    let mut outbox = outbox::Outbox::new();
+    let mut stream = outbox::StreamTransport {
+        stream: &mut io,
+        outbox: &mut outbox,
+    };
+    stream.pause_reading();
+    stream.resume_reading();
+    assert!(!stream.outbox.read_paused);
+    stream.stop_reading();
+    stream.resume_reading();
+    assert!(stream.outbox.read_paused && stream.outbox.read_stopped);
+}
+
 /// Over real TCP (whose `try_write` spends no budget by itself): one poll of the driver runs
 /// at most as many read+write rounds as a plain tokio echo (`read` + `write_all`, one budget
 /// unit each out of 128), so a busy connection yields its worker like any other task.
