@@ -321,6 +321,9 @@ fn is_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
 pub struct GrpcExport {
     client: tonic::client::Grpc<Channel>,
     metadata: tonic::metadata::MetadataMap,
+    /// Bounds one attempt, connection included. Ours rather than the endpoint's: tonic ends
+    /// a timed-out call as `Cancelled`, which would read as a retryable gRPC status.
+    timeout: Duration,
 }
 
 /// The `TraceService/Export` method.
@@ -328,6 +331,18 @@ const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/
 
 impl GrpcExport {
     async fn export(&self, body: Bytes) -> Result<(), ExportFailure> {
+        match tokio::time::timeout(self.timeout, self.attempt(body)).await {
+            Ok(result) => result,
+            // Like the HTTP client's timeout: counted as `timeout`, not retried (a collector
+            // that does not answer within the timeout will not answer the retry either).
+            Err(_) => Err(ExportFailure::new(
+                "timeout",
+                format!("gRPC export failed: no answer within {:?}", self.timeout),
+            )),
+        }
+    }
+
+    async fn attempt(&self, body: Bytes) -> Result<(), ExportFailure> {
         let mut client = self.client.clone();
         client.ready().await.map_err(|err| {
             ExportFailure::new(
@@ -442,8 +457,7 @@ pub fn build_client(
             let mut endpoint = tonic::transport::Endpoint::from_shared(settings.endpoint.clone())
                 .map_err(|err| invalid(&err))?
                 .user_agent(USER_AGENT)
-                .map_err(|err| invalid(&err))?
-                .timeout(timeout);
+                .map_err(|err| invalid(&err))?;
             if settings.https {
                 endpoint = endpoint
                     .tls_config(tls.tonic_config())
@@ -453,7 +467,11 @@ pub fn build_client(
             if settings.gzip {
                 client = client.send_compressed(CompressionEncoding::Gzip);
             }
-            Ok(OtlpClient::Grpc(GrpcExport { client, metadata }))
+            Ok(OtlpClient::Grpc(GrpcExport {
+                client,
+                metadata,
+                timeout,
+            }))
         }
         OtlpProtocol::HttpProtobuf => {
             let connector = hyper_rustls::HttpsConnectorBuilder::new()

@@ -175,6 +175,30 @@ fn a_full_queue_drops_and_counts_spans_and_the_gauge_shows_it() {
     service.terminate(Duration::from_secs(20));
 }
 
+/// A gRPC collector that accepts the connection and never answers: each export ends after the
+/// export timeout as `timeout` (not a retryable gRPC status), like the HTTP client's, and its
+/// spans are dropped as `export_failed`.
+#[test]
+fn grpc_collector_that_never_answers_is_a_timeout_not_a_retried_status() {
+    let receiver = OtlpReceiver::black_hole();
+    let endpoint = receiver.endpoint();
+    let mut service = Service::start_with_env(
+        &["--export-timeout", "1s"],
+        &[
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+        ],
+    );
+    connection(&service, 0);
+    let m = service.wait_metrics("one export timed out", |m| {
+        errors(m, "timeout") == 1.0 && dropped(m, "export_failed") == 1.0
+    });
+    assert_eq!(errors(&m, "grpc_status"), 0.0);
+    assert_eq!(errors(&m, "network"), 0.0);
+    service.terminate(Duration::from_secs(20));
+}
+
 /// A transient failure (gRPC `UNAVAILABLE`, HTTP 503) is retried, as the OTLP specification
 /// asks: the spans arrive, nothing is dropped and no failed export is counted.
 fn transient_failure_is_retried(mode: Mode) {
