@@ -224,8 +224,8 @@ impl ExportFailure {
 pub enum OtlpClient {
     /// OTLP/HTTP with a protobuf body.
     Http(HttpExport),
-    /// OTLP/gRPC.
-    Grpc(GrpcExport),
+    /// OTLP/gRPC (boxed: the tonic client is large, and there is one per process).
+    Grpc(Box<GrpcExport>),
 }
 
 impl OtlpClient {
@@ -467,11 +467,11 @@ pub fn build_client(
             if settings.gzip {
                 client = client.send_compressed(CompressionEncoding::Gzip);
             }
-            Ok(OtlpClient::Grpc(GrpcExport {
+            Ok(OtlpClient::Grpc(Box::new(GrpcExport {
                 client,
                 metadata,
                 timeout,
-            }))
+            })))
         }
         OtlpProtocol::HttpProtobuf => {
             let connector = hyper_rustls::HttpsConnectorBuilder::new()
