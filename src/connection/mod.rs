@@ -272,6 +272,28 @@ impl<S: ConnectionIo, P: Protocol> ConnectionTask<S, P> {
         }
     }
 
+    /// Run a protocol callback from outside the stream loop (`connection_made`,
+    /// `timer_fired`): report what its writes sent and record the write progress they made.
+    fn callback(
+        &mut self,
+        now: Instant,
+        call: impl FnOnce(&mut P, &mut dyn crate::transport::Transport),
+    ) {
+        call(
+            &mut self.protocol,
+            &mut StreamTransport {
+                stream: &mut self.stream,
+                outbox: &mut self.outbox,
+            },
+        );
+        report_sent(&mut self.protocol, &mut self.outbox);
+        if let Some(timed) = self.timed.as_deref_mut() {
+            timed
+                .clock
+                .record_write_progress(now, !self.outbox.pending.is_empty());
+        }
+    }
+
     fn finish(&mut self, reason: LossReason) -> Poll<()> {
         if matches!(
             reason,
@@ -350,16 +372,7 @@ impl<S: ConnectionIo, P: Protocol> Future for ConnectionTask<S, P> {
         }
         if !this.made {
             this.made = true;
-            this.protocol.connection_made(&mut StreamTransport {
-                stream: &mut this.stream,
-                outbox: &mut this.outbox,
-            });
-            report_sent(&mut this.protocol, &mut this.outbox);
-            if let Some(timed) = this.timed.as_deref_mut() {
-                timed
-                    .clock
-                    .record_write_progress(Instant::now(), !this.outbox.pending.is_empty());
-            }
+            this.callback(Instant::now(), P::connection_made);
         }
         loop {
             if this.linger.is_some() {
@@ -407,16 +420,7 @@ impl<S: ConnectionIo, P: Protocol> Future for ConnectionTask<S, P> {
             if let Some(at) = protocol_timer {
                 let now = Instant::now();
                 if now >= at {
-                    this.protocol.timer_fired(&mut StreamTransport {
-                        stream: &mut this.stream,
-                        outbox: &mut this.outbox,
-                    });
-                    report_sent(&mut this.protocol, &mut this.outbox);
-                    if let Some(timed) = this.timed.as_deref_mut() {
-                        timed
-                            .clock
-                            .record_write_progress(now, !this.outbox.pending.is_empty());
-                    }
+                    this.callback(now, P::timer_fired);
                     debug_assert!(
                         this.protocol.timer().is_none_or(|next| next > now),
                         "Protocol::timer_fired left its timer due"
