@@ -247,6 +247,18 @@ impl<P: Protocol> Protocol for Greeting<P> {
     fn deadline(&self) -> Option<(tokio::time::Instant, LossReason)> {
         self.inner.deadline()
     }
+
+    fn timer(&self) -> Option<tokio::time::Instant> {
+        self.inner.timer()
+    }
+
+    fn timer_fired(&mut self, transport: &mut dyn Transport) {
+        self.inner.timer_fired(transport);
+    }
+
+    fn write_pending(&self) -> bool {
+        self.inner.write_pending()
+    }
 }
 
 #[cfg(test)]
@@ -261,6 +273,43 @@ mod tests {
             peer: "10.0.0.1:5000".parse().unwrap(),
             local: "10.0.0.2:8001".parse().unwrap(),
         }
+    }
+
+    /// A protocol with a timer and a delay queue, to see that the greeting forwards them.
+    struct Delayed {
+        at: tokio::time::Instant,
+    }
+
+    impl Protocol for Delayed {
+        fn data_received(&mut self, _data: &[u8], _transport: &mut dyn Transport) {}
+
+        fn timer(&self) -> Option<tokio::time::Instant> {
+            Some(self.at)
+        }
+
+        fn timer_fired(&mut self, transport: &mut dyn Transport) {
+            transport.write(b"later");
+        }
+
+        fn write_pending(&self) -> bool {
+            true
+        }
+    }
+
+    /// Like every wrapping protocol, the greeting forwards the wrapped one's timer and delay
+    /// queue (the driver asks the outermost protocol only).
+    #[tokio::test]
+    async fn the_greeting_forwards_the_wrapped_protocols_timer_and_pending_writes() {
+        let at = tokio::time::Instant::now();
+        let mut greeting = Greeting {
+            inner: Delayed { at },
+            pending: None,
+        };
+        assert_eq!(greeting.timer(), Some(at));
+        assert!(greeting.write_pending());
+        let mut t = MemoryTransport::new();
+        greeting.timer_fired(&mut t);
+        assert_eq!(t.written(), b"later");
     }
 
     #[test]
