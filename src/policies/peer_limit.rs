@@ -81,20 +81,11 @@ impl<F: Factory> Factory for PeerConnectionLimit<F> {
                     .map(|deferred| Box::new(Slot::Unchecked(deferred))),
             });
         };
-        let ip = conn.peer.ip();
-        {
-            let counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-            if counts.get(&ip).copied().unwrap_or(0) >= max {
-                return Err(Refusal::PeerLimit);
-            }
-        }
-        let inner = self.inner.build_protocol(conn)?;
+        let slot =
+            PeerSlot::try_take(&self.counts, conn.peer.ip(), max).ok_or(Refusal::PeerLimit)?;
         Ok(PeerLimited {
-            inner,
-            slot: Some(Box::new(Slot::Held(PeerSlot::take(
-                self.counts.clone(),
-                ip,
-            )))),
+            inner: self.inner.build_protocol(conn)?,
+            slot: Some(Box::new(Slot::Held(slot))),
         })
     }
 
@@ -115,13 +106,18 @@ struct PeerSlot {
 }
 
 impl PeerSlot {
-    fn take(counts: PeerCounts, ip: IpAddr) -> Self {
-        *counts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(ip)
-            .or_insert(0) += 1;
-        PeerSlot { counts, ip }
+    /// Count one more connection of `ip`, unless it already has `max`: the check and the
+    /// count under one lock.
+    fn try_take(counts: &PeerCounts, ip: IpAddr, max: u32) -> Option<Self> {
+        let mut locked = counts.lock().unwrap_or_else(|p| p.into_inner());
+        if locked.get(&ip).copied().unwrap_or(0) >= max {
+            return None;
+        }
+        *locked.entry(ip).or_insert(0) += 1;
+        Some(PeerSlot {
+            counts: counts.clone(),
+            ip,
+        })
     }
 }
 
@@ -157,12 +153,10 @@ enum Slot {
 impl<P: Protocol> Protocol for PeerLimited<P> {
     fn connection_made(&mut self, transport: &mut dyn Transport) {
         if let Some(Slot::Unchecked(deferred)) = self.slot.as_deref() {
-            let deferred = deferred.clone();
             let ip = transport.peer_addr().ip();
-            {
-                let counts = deferred.counts.lock().unwrap_or_else(|p| p.into_inner());
-                if counts.get(&ip).copied().unwrap_or(0) >= deferred.max {
-                    drop(counts);
+            match PeerSlot::try_take(&deferred.counts, ip, deferred.max) {
+                Some(slot) => self.slot = Some(Box::new(Slot::Held(slot))),
+                None => {
                     deferred.rejected.inc();
                     tracing::debug!(peer = %ip, refusal = %Refusal::PeerLimit, "connection refused");
                     self.slot = None;
@@ -170,10 +164,6 @@ impl<P: Protocol> Protocol for PeerLimited<P> {
                     return;
                 }
             }
-            self.slot = Some(Box::new(Slot::Held(PeerSlot::take(
-                deferred.counts.clone(),
-                ip,
-            ))));
         }
         self.inner.connection_made(transport);
     }
