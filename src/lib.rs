@@ -56,6 +56,7 @@ pub mod factory;
 pub mod faults;
 pub mod fd_limit;
 pub mod identity;
+mod mix;
 pub mod policies;
 pub mod protocol;
 pub mod proxy_protocol;

@@ -26,9 +26,10 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use super::set::{splitmix64, FaultControl};
+use super::set::FaultControl;
 use super::spec::{FaultKind, FaultSpec};
 use crate::factory::{ConnectionInfo, Factory, Refusal};
+use crate::mix::splitmix64;
 use crate::policies::throttle::Throttle;
 use crate::protocol::{LossReason, Protocol};
 use crate::transport::{TlsInfo, Transport};

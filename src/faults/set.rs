@@ -14,6 +14,7 @@ use std::sync::{Arc, RwLock};
 use prometheus::{IntCounter, IntGauge};
 
 use super::spec::{FaultKind, FaultSpec};
+use crate::mix::{splitmix64, unit};
 
 /// The fault metrics, one child per [`FaultKind::LABELS`] entry (registered with the rest in
 /// `telemetry/metrics.rs`, which reads the labels from here: data flows one way).
@@ -86,19 +87,6 @@ pub fn choose(faults: &[FaultSpec], seed: u64, conn_id: u64, client: IpAddr) -> 
 /// the three, so draws are independent across connections and faults.
 pub fn draw(seed: u64, conn_id: u64, position: u64) -> u64 {
     splitmix64(splitmix64(seed ^ splitmix64(conn_id)).wrapping_add(position))
-}
-
-/// A draw as a number in [0, 1).
-fn unit(x: u64) -> f64 {
-    (x >> 11) as f64 / (1u64 << 53) as f64
-}
-
-/// Sebastiano Vigna's splitmix64 finaliser.
-pub(crate) fn splitmix64(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 #[cfg(test)]

@@ -224,12 +224,8 @@ pub(crate) fn jittered(age: Duration, jitter: Duration, conn_id: u64) -> Duratio
     if jitter.is_zero() {
         return age;
     }
-    // SplitMix64 finaliser: consecutive ids land far apart.
-    let mut x = conn_id.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^= x >> 31;
-    let unit = (x >> 11) as f64 / (1u64 << 53) as f64; // [0, 1)
+    // Consecutive ids land far apart.
+    let unit = crate::mix::unit(crate::mix::splitmix64(conn_id));
     let offset = jitter.as_secs_f64() * (2.0 * unit - 1.0);
     Duration::try_from_secs_f64((age.as_secs_f64() + offset).max(0.0)).unwrap_or(Duration::MAX)
 }
